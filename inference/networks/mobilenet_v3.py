@@ -76,7 +76,7 @@ def _conv_bn_act(
         nn.BatchNorm2d(cout, eps=0.001, momentum=0.01),
     ]
     if act is not None:
-        layers.append(act(inplace=True))  # type: ignore[call-arg]
+        layers.append(act(inplace=True))
     return nn.Sequential(*layers)
 
 
