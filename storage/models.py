@@ -1,0 +1,246 @@
+"""SQLAlchemy 2 models: what the node has received and what it still has to do with it.
+
+The schema mirrors the DICOM information model only as far as the node needs it
+(study → series → instance), plus the work queue (``jobs``), an append-only audit trail
+(``audit_events``) and the liveness record of running listeners (``node_heartbeats``).
+
+Patient demographics are deliberately *not* copied into the database: the spooled file
+is the source of truth for them, which keeps the database (and anything that dumps it)
+free of the most sensitive identifiers.
+
+Any change here needs an Alembic revision in ``storage/migrations/versions``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# Deterministic constraint names, so that migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UID_LENGTH = 64  # PS3.5 §9.1: a UID is at most 64 characters.
+AE_LENGTH = 16  # PS3.5 Table 6.2-1: AE titles are at most 16 characters.
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware in UTC (the only time the database sees)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, on every backend.
+
+    Why: SQLite has no timestamp type and hands back naive datetimes while PostgreSQL
+    hands back aware ones; code comparing the two would break on one backend only.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY, so 64-bit keys become INTEGER there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+JsonDocument = JSON().with_variant(JSONB(), "postgresql")
+
+
+class JobState(enum.StrEnum):
+    """Life cycle of a job; the allowed transitions live in :mod:`storage.queue`."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Study(Base):
+    """A study as seen by the node (first and latest arrival of any of its instances)."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """A series; modality and body part live here as in the General Series module."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One received SOP instance *version*, exactly as it lies in the spool.
+
+    A re-sent instance with identical bytes is not stored again; one with the same SOP
+    Instance UID but different bytes becomes a new row with ``version`` + 1, so nothing
+    a modality sent is ever silently overwritten.
+    """
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "version"),
+        UniqueConstraint("sop_instance_uid", "sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    photometric_interpretation: Mapped[str | None] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_path: Mapped[str] = mapped_column(String(255))
+    calling_ae: Mapped[str] = mapped_column(String(AE_LENGTH))
+    called_ae: Mapped[str] = mapped_column(String(AE_LENGTH))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    jobs: Mapped[list[Job]] = relationship(back_populates="instance")
+
+
+class Job(Base):
+    """A unit of work on one instance version (e.g. ``analyze``), driven by the queue."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "state", "available_at", "priority"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32), default="analyze")
+    state: Mapped[JobState] = mapped_column(
+        Enum(
+            JobState,
+            name="job_state",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+            validate_strings=True,
+        ),
+        default=JobState.RECEIVED,
+    )
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    instance: Mapped[Instance] = relationship(back_populates="jobs")
+
+
+class AuditEvent(Base):
+    """Append-only record of what happened (stored, duplicate, rejected, job moves…).
+
+    Rows reference instances and jobs by plain id, not by foreign key, so that a later
+    retention policy can delete data without having to rewrite history. Updates and
+    deletes are refused by database triggers (see the initial migration).
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    instance_id: Mapped[int | None] = mapped_column(BigInteger)
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    calling_ae: Mapped[str | None] = mapped_column(String(AE_LENGTH))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
+
+
+class NodeHeartbeat(Base):
+    """Liveness of a running listener, so ``status`` can answer from any host."""
+
+    __tablename__ = "node_heartbeats"
+
+    node_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    ae_title: Mapped[str] = mapped_column(String(AE_LENGTH))
+    host: Mapped[str] = mapped_column(String(64))
+    port: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

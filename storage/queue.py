@@ -1,0 +1,154 @@
+"""The job queue: a small state machine on the ``jobs`` table.
+
+::
+
+    received ──► queued ──► running ──► done
+        │          │  ▲        │
+        │          │  └────────┤ (retry while attempts < max_attempts)
+        │          ▼           ▼
+        └──────► skipped     failed ──► queued (manual retry)
+
+Every transition is validated here and written to the audit trail in the caller's
+transaction, so the state of a job and the record of how it got there cannot disagree.
+Claiming uses ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite (where the clause is
+not rendered) the write lock taken by ``BEGIN IMMEDIATE`` serialises claimers, and the
+conditional update below guards against double claims on either backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from storage.audit import record_event
+from storage.models import Job, JobState, utcnow
+
+TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.SKIPPED, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.SKIPPED}),
+    JobState.RUNNING: frozenset(
+        {JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.QUEUED}
+    ),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.DONE: frozenset(),
+    JobState.SKIPPED: frozenset(),
+}
+TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.SKIPPED})
+MAX_ERROR_LENGTH = 4000
+
+
+class InvalidTransition(ValueError):
+    """Raised when a job is asked to move along an edge the state machine does not have."""
+
+
+def create_job(session: Session, instance_id: int, *, kind: str = "analyze", actor: str,
+               priority: int = 0) -> Job:
+    """Create a job for an instance in state ``received`` (flushed, so it has an id)."""
+    now = utcnow()
+    job = Job(
+        instance_id=instance_id,
+        kind=kind,
+        state=JobState.RECEIVED,
+        priority=priority,
+        created_at=now,
+        updated_at=now,
+        available_at=now,
+    )
+    session.add(job)
+    session.flush()
+    record_event(session, "job.received", actor=actor, job_id=job.id, instance_id=instance_id)
+    return job
+
+
+def transition(session: Session, job: Job, target: JobState, *, actor: str,
+               error: str | None = None) -> Job:
+    """Move ``job`` to ``target`` if the state machine allows it, and audit the move."""
+    if target not in TRANSITIONS[job.state]:
+        raise InvalidTransition(f"job {job.id}: {job.state.value} -> {target.value} not allowed")
+    previous = job.state
+    now = utcnow()
+    job.state = target
+    job.updated_at = now
+    _stamp(job, target, now, error)
+    session.flush()
+    details: dict[str, object] = {"from": previous.value, "to": target.value}
+    if error:
+        details["error"] = job.last_error
+    record_event(session, f"job.{target.value}", actor=actor, job_id=job.id,
+                 instance_id=job.instance_id, details=details)
+    return job
+
+
+def _stamp(job: Job, target: JobState, now: datetime, error: str | None) -> None:
+    if target is JobState.QUEUED:
+        job.queued_at = now
+        job.worker = None
+    elif target is JobState.RUNNING:
+        job.started_at = now
+        job.attempts += 1
+    elif target in TERMINAL_STATES:
+        job.finished_at = now
+    if error is not None:
+        job.last_error = error[:MAX_ERROR_LENGTH]
+
+
+def enqueue(session: Session, instance_id: int, *, actor: str, kind: str = "analyze",
+            priority: int = 0) -> Job:
+    """Create a job and make it available to workers (received → queued)."""
+    job = create_job(session, instance_id, kind=kind, actor=actor, priority=priority)
+    return transition(session, job, JobState.QUEUED, actor=actor)
+
+
+def claim_next(
+    session: Session, worker: str, *, kinds: tuple[str, ...] | None = None
+) -> Job | None:
+    """Claim the most urgent available job for ``worker`` (queued → running), or None."""
+    now = utcnow()
+    query = (
+        select(Job)
+        .where(Job.state == JobState.QUEUED, Job.available_at <= now)
+        .order_by(Job.priority.desc(), Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if kinds:
+        query = query.where(Job.kind.in_(kinds))
+    job = session.scalars(query).first()
+    if job is None:
+        return None
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == JobState.QUEUED)
+        .values(state=JobState.RUNNING, worker=worker, started_at=now, updated_at=now,
+                attempts=Job.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return None  # somebody else was faster; the caller simply polls again
+    session.refresh(job)
+    record_event(session, "job.running", actor=worker, job_id=job.id,
+                 instance_id=job.instance_id, details={"from": "queued", "to": "running"})
+    return job
+
+
+def fail(session: Session, job: Job, error: str, *, actor: str,
+         retry_delay: timedelta = timedelta(seconds=30)) -> Job:
+    """Record a failed attempt: back to the queue while attempts remain, else ``failed``."""
+    if job.state is JobState.RUNNING and job.attempts < job.max_attempts:
+        transition(session, job, JobState.QUEUED, actor=actor, error=error)
+        job.available_at = utcnow() + retry_delay * job.attempts
+        session.flush()
+        return job
+    return transition(session, job, JobState.FAILED, actor=actor, error=error)
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    """Number of jobs in every state (all states present, zeros included)."""
+    counts = {state.value: 0 for state in JobState}
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state))
+    for state, count in rows:
+        counts[JobState(state).value] = count
+    return counts

@@ -1,0 +1,175 @@
+"""The spool: received files on disk, durable before anyone is told they are stored.
+
+Layout under the spool root::
+
+    tmp/          files being written (anything left here after a crash was never acked)
+    objects/      content-addressed store: objects/ab/cd/<sha256>.dcm
+    quarantine/   bytes we refused, with a JSON note saying why, for a human to inspect
+
+A file is written to ``tmp/``, fsync'd, renamed into ``objects/`` and the directory is
+fsync'd, so after :meth:`Spool.store` returns the bytes survive a crash or power loss
+(with ``durable=True``). The name is the SHA-256 of the file, so storing identical bytes
+twice is naturally idempotent and a file can be verified with ``sha256sum``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+Chunk = bytes | bytearray | memoryview
+OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_out_of_space(error: OSError) -> bool:
+    """True for the errors that mean "the disk (or quota) is full"."""
+    return error.errno in OUT_OF_SPACE_ERRNOS
+
+
+@dataclass(frozen=True)
+class SpooledObject:
+    """Where a stored file ended up, and what it contains."""
+
+    relpath: str
+    path: Path
+    sha256: str
+    size: int
+    already_present: bool
+
+
+class Spool:
+    """Content-addressed, crash-safe file store for received instances."""
+
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
+        self.root = root
+        self.durable = durable
+        self.tmp_dir = root / "tmp"
+        self.objects_dir = root / "objects"
+        self.quarantine_dir = root / "quarantine"
+
+    def prepare(self) -> int:
+        """Create the layout and delete leftovers of interrupted writes.
+
+        Returns the number of stale temporary files removed. They are safe to delete:
+        a temporary file is only ever renamed into place before the sender is answered.
+        """
+        for directory in (self.tmp_dir, self.objects_dir, self.quarantine_dir):
+            self._ensure_dir(directory)
+        removed = 0
+        for leftover in self.tmp_dir.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def store(self, chunks: Sequence[Chunk]) -> SpooledObject:
+        """Durably store the concatenation of ``chunks``; raises ``OSError`` on failure."""
+        tmp_path, digest, size = self._write_temp(chunks)
+        relpath = f"objects/{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+        final = self.root / relpath
+        try:
+            self._ensure_dir(final.parent)
+            already_present = final.exists()
+            if already_present:
+                tmp_path.unlink()
+            else:
+                os.replace(tmp_path, final)
+                self._fsync_dir(final.parent)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return SpooledObject(relpath, final, digest, size, already_present)
+
+    def quarantine(self, chunks: Sequence[Chunk], note: Mapping[str, Any]) -> Path:
+        """Keep refused bytes (and why they were refused) for later inspection."""
+        tmp_path, digest, size = self._write_temp(chunks)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        final = self.quarantine_dir / f"{stamp}_{digest[:16]}.dcm"
+        try:
+            self._ensure_dir(self.quarantine_dir)
+            os.replace(tmp_path, final)
+            note_doc = {"sha256": digest, "size": size, "quarantined_at": stamp, **note}
+            final.with_suffix(".json").write_text(json.dumps(note_doc, indent=2, default=str))
+            self._fsync_dir(self.quarantine_dir)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return final
+
+    def path_of(self, relpath: str) -> Path:
+        """Absolute path of a stored object from its database ``spool_path``."""
+        return self.root / relpath
+
+    def free_bytes(self) -> int:
+        """Bytes available to us on the spool's file system."""
+        return shutil.disk_usage(self._existing_root()).free
+
+    def disk_usage(self) -> tuple[int, int, int]:
+        """``(total, used, free)`` bytes of the spool's file system."""
+        usage = shutil.disk_usage(self._existing_root())
+        return usage.total, usage.used, usage.free
+
+    def _existing_root(self) -> Path:
+        path = self.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path
+
+    def _write_temp(self, chunks: Sequence[Chunk]) -> tuple[Path, str, int]:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
+        tmp_path = Path(name)
+        hasher = hashlib.sha256()
+        size = 0
+        try:
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    hasher.update(view)
+                    _write_all(fd, view)
+                    size += len(view)
+                if self.durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return tmp_path, hasher.hexdigest(), size
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """mkdir -p, fsyncing each parent whose entries changed (new dirs must survive too)."""
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            # A concurrent writer may create it first; fsync anyway, we must not return
+            # before the entry is durable, whoever made it.
+            path.mkdir(exist_ok=True)
+            self._fsync_dir(path.parent)
+
+    def _fsync_dir(self, directory: Path) -> None:
+        if not self.durable:
+            return
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    """``os.write`` until everything is written (a regular file may take it in parts)."""
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
