@@ -1,0 +1,307 @@
+"""The structured report of one scored radiograph: Comprehensive 3D SR, TID 1500.
+
+Structure (PS3.16 TID 1500 Measurement Report, built with highdicom's templates)::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")
+      Language (TID 1204), Observation Context (TID 1001: the node as Device observer)
+      Procedure reported: (399208008, SCT, "Plain chest X-ray")
+      Image Library (TID 1600)                 only when the source can be described
+      CONTAINER (126010, DCM, "Imaging Measurements")
+        one Measurement Group (TID 1501) per finding:
+          Tracking Identifier + Tracking UID (TID 4108), stable across re-runs
+          Finding (121071, DCM) = the label's code, e.g. (233604007, SCT, "Pneumonia")
+          Algorithm Identification (TID 4019): bundle name, version, threshold, stage
+          NUM (122157, DCM, "Probability") = calibrated probability, UCUM "1"
+          NUM (OODDIST, 99CXRAI) = input-gate distance              when measured
+          CODE <the finding> = (52101004, SCT, "Present") | (272519000, SCT, "Absent")
+          CODE (CASCADESTAGE, 99CXRAI) = SCREEN | CONFIRM
+          CODE (INDOMAIN, 99CXRAI) = (373066001, SCT, "Yes") | (373067005, SCT, "No")
+          IMAGE Source (the radiograph)
+      CONTAINER (C0034375, UMLS, "Qualitative Evaluations")     when there is one:
+        CODE (260870009, SCT, "Priority") = Routine | Urgent | Stat
+        TEXT (121106, DCM, "Comment") = each engine warning
+
+Present/Absent use DICOM's own value set, CID 241 "Present-Absent Only", whose Absent is
+SCT 272519000 (not the generic SNOMED qualifier 2667000): DICOM-aware consumers match on
+the context group's codes. Private ``99CXRAI`` codes are used only for the cascade stage,
+the in-domain decision and the gate distance, which have no standard concept.
+
+The document is COMPLETE (nothing is left to add), PRELIMINARY and UNVERIFIED: an
+algorithm's output has not been read and signed by a physician.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForMeasurement,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.results import (
+    PRIVATE_SCHEME,
+    Equipment,
+    instance_number,
+    private_coding_scheme,
+    source_header,
+    without_person_names,
+)
+from dicom_node.results.uids import model_identities, result_uids, tracking_uid
+from inference.cascade import SCORED, Finding, ImageResult
+
+SR_SERIES_NUMBER = 9901
+SR_SERIES_DESCRIPTION = "AI CXR findings"
+
+CHEST_RADIOGRAPH = CodedConcept("399208008", "SCT", "Plain chest X-ray")
+PROBABILITY = CodedConcept("122157", "DCM", "Probability")
+NO_UNITS = CodedConcept("1", "UCUM", "no units")
+PRESENT = CodedConcept("52101004", "SCT", "Present")
+ABSENT = CodedConcept("272519000", "SCT", "Absent")
+YES = CodedConcept("373066001", "SCT", "Yes")
+NO = CodedConcept("373067005", "SCT", "No")
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+PRIORITY = CodedConcept("260870009", "SCT", "Priority")
+COMMENT = CodedConcept("121106", "DCM", "Comment")
+
+# SNOMED CT "Priorities" (272125009) children, for the study-level priority.
+PRIORITY_VALUES = {
+    "routine": CodedConcept("50811001", "SCT", "Routine"),
+    "urgent": CodedConcept("103391001", "SCT", "Urgent"),
+    "stat": CodedConcept("49499008", "SCT", "Stat"),
+}
+
+# Private codes (99CXRAI): no standard concept names these properties of the cascade.
+CASCADE_STAGE = CodedConcept("CASCADESTAGE", PRIVATE_SCHEME, "Cascade stage")
+STAGE_VALUES = {
+    "screen": CodedConcept("SCREEN", PRIVATE_SCHEME, "Screening model"),
+    "confirm": CodedConcept("CONFIRM", PRIVATE_SCHEME, "Confirmation model"),
+}
+IN_DOMAIN = CodedConcept("INDOMAIN", PRIVATE_SCHEME, "Image within model input domain")
+OOD_DISTANCE = CodedConcept("OODDIST", PRIVATE_SCHEME, "Distance to training data")
+
+
+def measurement_report(
+    source: Dataset,
+    result: ImageResult,
+    *,
+    equipment: Equipment | None = None,
+    priority: str | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+    series_description: str = SR_SERIES_DESCRIPTION,
+    content_datetime: datetime.datetime | None = None,
+) -> Comprehensive3DSR:
+    """The TID 1500 Measurement Report of ``result`` for the radiograph ``source``.
+
+    The SR joins the source's study (same Study Instance UID, patient and study attributes
+    copied, Type 2 ones empty when unknown) in a series of its own whose UIDs are derived
+    from the source and the models (:mod:`dicom_node.results.uids`), so building it again
+    from the same inputs yields the same object identity.
+
+    ``priority`` (``"routine"``, ``"urgent"`` or ``"stat"``) adds a study-level
+    qualitative evaluation. Raises ``ValueError`` for a result that was not scored, has
+    no findings, or belongs to another image.
+    """
+    _check_result(source, result)
+    equipment = equipment or Equipment()
+    header = source_header(source)
+    uids = result_uids(header, "sr", model_identities(result.findings))
+    report = MeasurementReport(
+        observation_context=_observation_context(equipment),
+        procedure_reported=CHEST_RADIOGRAPH,
+        imaging_measurements=[_finding_group(header, result, f) for f in result.findings],
+        referenced_images=[header] if _describable(header) else None,
+    )
+    _add_qualitative_evaluations(report, _study_evaluations(result, priority))
+    moment = content_datetime or datetime.datetime.now()
+    sr = Comprehensive3DSR(
+        evidence=[without_person_names(header)],
+        content=report,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=instance_number(header),
+        manufacturer=equipment.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=equipment.institution_name,
+        institutional_department_name=equipment.institutional_department_name,
+        series_description=series_description,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=equipment.software_versions,
+        device_serial_number=equipment.device_serial_number,
+        content_date=moment.date(),
+        content_time=moment.time(),
+        coding_schemes=[private_coding_scheme()],
+    )
+    sr.copy_patient_and_study_information(header)
+    if equipment.station_name:
+        sr.StationName = equipment.station_name
+    return sr
+
+
+def _check_result(source: Dataset, result: ImageResult) -> None:
+    """Refuse results an SR cannot honestly report, and results of another image."""
+    if result.status != SCORED or not result.findings:
+        raise ValueError(
+            f"no measurement report for a result with status {result.status!r} "
+            f"and {len(result.findings)} findings"
+        )
+    if result.sop_instance_uid and result.sop_instance_uid != source.SOPInstanceUID:
+        raise ValueError(
+            f"result belongs to {result.sop_instance_uid}, not to {source.SOPInstanceUID}"
+        )
+
+
+def _observation_context(equipment: Equipment) -> ObservationContext:
+    """TID 1001 with the node as Device observer (TID 1002/1004): who made the findings."""
+    device = DeviceObserverIdentifyingAttributes(
+        uid=equipment.device_uid,
+        name=equipment.station_name or equipment.model_name,
+        manufacturer_name=equipment.manufacturer,
+        model_name=equipment.model_name,
+        serial_number=equipment.device_serial_number,
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _describable(header: Dataset) -> bool:
+    """Whether highdicom can write the Image Library descriptors (TID 1602/1603).
+
+    Projection radiographs need Patient Orientation (two values) and Imager Pixel Spacing,
+    which CR and secondary-capture sources often lack. The library is optional (TID 1500
+    row 5 is U); the source stays referenced as evidence and in every measurement group.
+    """
+    if header.get("Modality") not in ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"):
+        return "Modality" in header
+    orientation = header.get("PatientOrientation")
+    return orientation is not None and len(orientation) == 2 and "ImagerPixelSpacing" in header
+
+
+def _algorithm(finding: Finding) -> AlgorithmIdentification:
+    """TID 4019: the bundle that made the call, with what decided present/absent."""
+    return AlgorithmIdentification(
+        name=finding.model_name,
+        version=finding.model_version,
+        parameters=[f"threshold={finding.threshold:.6g}", f"stage={finding.stage}"],
+    )
+
+
+def _finding_group(
+    header: Dataset, result: ImageResult, finding: Finding
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501: one finding, its probability and how it was decided."""
+    label = finding.label
+    concept = CodedConcept(label.code, label.scheme, label.meaning)
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid(header, "sr", finding),
+            identifier=f"{label.meaning} ({label.scheme} {label.code})",
+        ),
+        finding_type=concept,
+        algorithm_id=_algorithm(finding),
+        measurements=_measurements(header, result, finding),
+        qualitative_evaluations=_evaluations(concept, result, finding),
+        source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
+    )
+
+
+def _measurements(header: Dataset, result: ImageResult, finding: Finding) -> list[Measurement]:
+    """TID 300: the calibrated probability and, when the gate ran, its distance."""
+    source = [SourceImageForMeasurement.from_source_image(header)]
+    found = [
+        Measurement(
+            name=PROBABILITY,
+            value=round(float(finding.probability), 6),
+            unit=NO_UNITS,
+            referenced_images=source,
+        )
+    ]
+    if result.ood_distance is not None:
+        found.append(
+            Measurement(
+                name=OOD_DISTANCE,
+                value=round(float(result.ood_distance), 4),
+                unit=NO_UNITS,
+                referenced_images=source,
+            )
+        )
+    return found
+
+
+def _evaluations(
+    concept: CodedConcept, result: ImageResult, finding: Finding
+) -> list[QualitativeEvaluation]:
+    """Present/Absent at the threshold, the cascade stage, and the in-domain decision."""
+    evaluations = [
+        QualitativeEvaluation(concept, PRESENT if finding.present else ABSENT),
+        QualitativeEvaluation(CASCADE_STAGE, _stage(finding.stage)),
+    ]
+    if result.in_domain is not None:
+        evaluations.append(QualitativeEvaluation(IN_DOMAIN, YES if result.in_domain else NO))
+    return evaluations
+
+
+def _stage(stage: str) -> CodedConcept:
+    if stage not in STAGE_VALUES:
+        raise ValueError(f"unknown cascade stage {stage!r}")
+    return STAGE_VALUES[stage]
+
+
+def _study_evaluations(
+    result: ImageResult, priority: str | None
+) -> list[CodeContentItem | TextContentItem]:
+    """TID 1500 rows 13-14: the study-level priority and the engine's warnings."""
+    items: list[CodeContentItem | TextContentItem] = []
+    if priority is not None:
+        if priority.lower() not in PRIORITY_VALUES:
+            raise ValueError(f"priority must be one of {sorted(PRIORITY_VALUES)}, not {priority!r}")
+        items.append(
+            CodeContentItem(
+                name=PRIORITY,
+                value=PRIORITY_VALUES[priority.lower()],
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        )
+    items.extend(
+        TextContentItem(name=COMMENT, value=w, relationship_type=RelationshipTypeValues.CONTAINS)
+        for w in result.warnings
+    )
+    return items
+
+
+def _add_qualitative_evaluations(
+    report: MeasurementReport, items: Sequence[CodeContentItem | TextContentItem]
+) -> None:
+    """Append the TID 1500 row 12 container, which highdicom's template does not build."""
+    if not items:
+        return
+    container = ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = ContentSequence(list(items))
+    report[0].ContentSequence.append(container)
