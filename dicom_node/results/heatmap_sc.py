@@ -1,0 +1,185 @@
+"""Where the model looked, as an image a PACS shows beside the radiograph.
+
+A Secondary Capture Image (PS3.3 A.8.1) holding the rendered Grad-CAM overlay of
+:func:`inference.explain.render_overlay`: RGB, 8 bits, Planar Configuration 0, with the
+"AI-GENERATED" marking and colour legend burned in (Burned In Annotation YES). The image is
+DERIVED\\SECONDARY, made on a workstation (Conversion Type WSD), references its source
+radiograph in the Source Image Sequence and says in Derivation Description which model
+produced the heatmap.
+
+Modality is the source's (e.g. CR or DX), ``OT`` only when the source has none. PS3.3
+C.7.3.1.1.1 defines Modality as the type of equipment that *originally acquired the data
+used to create* the instances of the series, and the SC Equipment module's Modality is
+the source equipment's. It also keeps the heatmap in the worklist filters and hanging
+protocols that radiologists set up per modality; its own series, series description,
+ImageType DERIVED\\SECONDARY and the burned-in marking keep it apart from the acquisition.
+Body Part Examined is CHEST and Laterality absent, as the General Series module's 2C
+condition wants for an unpaired region (see :func:`_copy_series_and_image`).
+
+No Pixel Spacing is written: the overlay is resampled for viewing (at most 1024 pixels a
+side), and a calibrated-looking secondary capture invites measurements it cannot support.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+from highdicom.sc import SCImage
+from highdicom.sc.enum import ConversionTypeValues
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
+
+from dicom_node.results import Equipment, instance_number, source_header
+from dicom_node.results.uids import model_identities, result_uids
+from inference.cascade import Finding, ImageResult
+
+SC_SERIES_NUMBER = 9902
+SC_SERIES_DESCRIPTION = "AI CXR heatmap"
+CHEST = "CHEST"  # Body Part Examined defined term (PS3.16 Annex L)
+IMAGE_COMMENTS = "AI-generated heatmap (Grad-CAM); not for diagnosis"
+SOURCE_FOR_PROCESSING = CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+SPATIAL_RESAMPLING = CodedConcept.from_code(codes.DCM.SpatialResampling)
+LOSSY_HISTORY = (
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+)
+# highdicom insists on a single-letter orientation for PATIENT images; the source's own
+# value replaces this placeholder right after construction (see _copy_orientation).
+_ORIENTATION_PLACEHOLDER = ("L", "F")
+
+
+def heatmap_secondary_capture(
+    source: Dataset,
+    result: ImageResult,
+    *,
+    equipment: Equipment | None = None,
+    modality: str | None = None,
+    series_number: int = SC_SERIES_NUMBER,
+    series_description: str = SC_SERIES_DESCRIPTION,
+    content_datetime: datetime.datetime | None = None,
+) -> SCImage:
+    """The overlay of ``result`` as an SC image in the study of ``source``.
+
+    Patient and study attributes are copied from the source (Type 2 ones empty when
+    unknown); series and instance UIDs are derived from the source and the models
+    (:mod:`dicom_node.results.uids`). ``modality`` overrides the copied Modality for a PACS
+    that wants ``OT``. Raises ``ValueError`` when the result has no overlay, no finding
+    to attribute it to, or belongs to another image.
+    """
+    overlay = _check_overlay(source, result)
+    equipment = equipment or Equipment()
+    header = source_header(source)
+    uids = result_uids(header, "sc", model_identities(result.findings))
+    moment = content_datetime or datetime.datetime.now()
+    sc = SCImage(
+        pixel_array=overlay,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=header.StudyInstanceUID,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=instance_number(header),
+        manufacturer=equipment.manufacturer,
+        patient_orientation=_ORIENTATION_PLACEHOLDER,
+        series_description=series_description,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=equipment.software_versions,
+        device_serial_number=equipment.device_serial_number,
+        institution_name=equipment.institution_name,
+        institutional_department_name=equipment.institutional_department_name,
+        content_date=moment.date(),
+        content_time=moment.time(),
+        specific_character_set=header.get("SpecificCharacterSet"),
+    )
+    # Names and the other patient/study attributes go in by copy, not through the
+    # constructor, whose person-name check would echo them in a warning.
+    sc.copy_patient_and_study_information(header)
+    _copy_series_and_image(sc, header, modality)
+    _describe_capture(sc, equipment, moment)
+    _describe_derivation(sc, header, result.findings[0], overlay)
+    return sc
+
+
+def _check_overlay(source: Dataset, result: ImageResult) -> np.ndarray:
+    """The overlay as a contiguous uint8 H×W×3 array, or ``ValueError``."""
+    if result.overlay is None or not result.findings:
+        raise ValueError("no heatmap secondary capture for a result without overlay or finding")
+    if result.sop_instance_uid and result.sop_instance_uid != source.SOPInstanceUID:
+        raise ValueError(
+            f"result belongs to {result.sop_instance_uid}, not to {source.SOPInstanceUID}"
+        )
+    overlay = np.ascontiguousarray(result.overlay)
+    if overlay.dtype != np.uint8 or overlay.ndim != 3 or overlay.shape[2] != 3:
+        raise ValueError(f"overlay must be uint8 H×W×3, not {overlay.dtype} {overlay.shape}")
+    return overlay
+
+
+def _copy_series_and_image(sc: SCImage, header: Dataset, modality: str | None) -> None:
+    """Modality, body part, orientation and lossy history of the source.
+
+    Body Part Examined is always ``CHEST`` and Laterality is never written. Results exist
+    only for images the input gate accepted as frontal chest radiographs: their body part
+    is CHEST or a synonym (THORAX, LUNG, CHEST_LAT — not defined terms; LUNG even a paired
+    structure) or missing, and one-sided images are refused. Laterality (General Series,
+    Type 2C) must be absent for an unpaired body part, and is required — with R or L — for
+    a paired or unknown one, so an explicit CHEST is what keeps the object conformant.
+    """
+    sc.Modality = modality or header.get("Modality") or "OT"
+    sc.BodyPartExamined = CHEST
+    _copy_orientation(sc, header)
+    for keyword in LOSSY_HISTORY:
+        # PS3.3 C.7.6.1.1.5: once lossy, every derived image says so.
+        if header.get("LossyImageCompression") == "01" and keyword in header:
+            setattr(sc, keyword, header[keyword].value)
+
+
+def _copy_orientation(sc: SCImage, header: Dataset) -> None:
+    """Patient Orientation as the source has it (Type 2C: empty when unknown).
+
+    The overlay is only scaled, never flipped or rotated, so the source's row and column
+    directions hold; compound values such as ``FL`` (PS3.3 C.7.6.1.1.1) are kept too.
+    """
+    orientation = header.get("PatientOrientation")
+    sc.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else []
+
+
+def _describe_capture(sc: SCImage, equipment: Equipment, moment: datetime.datetime) -> None:
+    """SC Equipment and SC Image modules (PS3.3 C.8.6.1, C.8.6.2)."""
+    sc.ConversionType = ConversionTypeValues.WSD.value
+    sc.SecondaryCaptureDeviceManufacturer = equipment.manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = equipment.model_name
+    sc.SecondaryCaptureDeviceSoftwareVersions = equipment.software_versions
+    sc.DateOfSecondaryCapture = DA(moment.date())
+    sc.TimeOfSecondaryCapture = TM(moment.time())
+    if equipment.station_name:
+        sc.StationName = equipment.station_name
+
+
+def _describe_derivation(
+    sc: SCImage, header: Dataset, finding: Finding, overlay: np.ndarray
+) -> None:
+    """Image Type, Source Image Sequence and derivation (General Image, PS3.3 C.7.6.1)."""
+    resampled = overlay.shape[:2] != (header.get("Rows"), header.get("Columns"))
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = IMAGE_COMMENTS
+    sc.DerivationDescription = (
+        f"Grad-CAM heatmap of {finding.model_name} {finding.model_version} "
+        f"({finding.stage} stage, {finding.label.meaning}) blended over the source "
+        f"radiograph{', spatially resampled' if resampled else ''}; "
+        "burned-in AI-generated marking and colour legend"
+    )[:1024]
+    if resampled:
+        sc.DerivationCodeSequence = [SPATIAL_RESAMPLING]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = header.SOPClassUID
+    reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = [SOURCE_FOR_PROCESSING]
+    reference.SpatialLocationsPreserved = "NO" if resampled else "YES"
+    sc.SourceImageSequence = [reference]
