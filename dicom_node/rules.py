@@ -6,6 +6,11 @@ association's AE titles. Nothing is ever ``eval``-ed. Rules are tried in the ord
 are written and the **first match wins**; when no rule is configured the built-in
 :data:`DEFAULT_RULE` applies (CR/DX images of the chest, or with Body Part Examined empty,
 go through the full cascade and their results go to every configured destination).
+An empty rule list counts as "none configured"; to analyse nothing, end the list with a
+catch-all rule (no ``match``) whose pipeline is ``"none"``. When no rule matches, the
+instance is stored but not analysed (pipeline ``"none"``, no destinations); a rule with
+pipeline ``"none"`` produces nothing, so it sends nowhere either; ``destinations = []``
+analyses but sends nowhere (results only on the dashboard).
 
 TOML schema (one table per rule)::
 
