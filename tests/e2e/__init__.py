@@ -1,0 +1,1 @@
+"""End-to-end tests against real peers (Orthanc, dcmtk) on free loopback ports."""
