@@ -326,3 +326,15 @@ def test_header_copy_drops_invalid_values_and_bulk_data() -> None:
     header = source_header(source)
     assert "PixelData" not in header and "PatientAge" not in header
     assert header.PatientID == source.PatientID
+
+
+def test_header_copy_keeps_identifiers_verbatim_even_when_invalid() -> None:
+    """The PACS matches the SR to its patient by these; a mismatch would misfile it."""
+    source = read_source(RG1_UNCR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source.PatientID = "X" * 70  # longer than LO allows
+        source.PatientAge = "58"  # not an Age String
+    header = source_header(source)
+    assert header.PatientID == source.PatientID
+    assert "PatientAge" not in header

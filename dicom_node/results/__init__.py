@@ -56,6 +56,22 @@ PATIENT_STUDY_TYPE2 = (
 # person-name check echoes a suspicious name (e.g. one without "^") in a UserWarning, and a
 # patient's name must not reach stderr or the logs.
 PERSON_NAMES = ("PatientName", "ReferringPhysicianName")
+# Copied verbatim even when non-conformant: the PACS files and reconciles the output by
+# them, and an output that disagrees with its source on who or which study it is about is
+# worse than a validator's complaint.
+IDENTIFYING = frozenset(
+    {
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientName",
+        "AccessionNumber",
+        "StudyID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+    }
+)
 _TEXT_NUMBER_VRS = frozenset({"DS", "IS"})
 _BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
@@ -126,7 +142,8 @@ def source_header(source: Dataset) -> Dataset:
     * no pixel data, overlays or other bulk data, no private attributes;
     * attributes whose value violates its VR are dropped (e.g. a Patient's Age of ``58``
       instead of ``058Y``) — copying them would make our object non-conformant, and
-      guessing a repair could change the patient's data;
+      guessing a repair could change the patient's data — except the identifying ones
+      (:data:`IDENTIFYING`), which are kept as they are;
     * the Type 2 patient and study attributes (:data:`PATIENT_STUDY_TYPE2`) are present,
       empty where the source lacks them (or had an invalid value), as the output IODs
       require.
@@ -137,7 +154,7 @@ def source_header(source: Dataset) -> Dataset:
     for elem in source:
         if elem.tag.is_private or elem.tag.group >= 0x6000 or elem.VR in _BULK_VRS:
             continue
-        if not _is_valid(elem):
+        if elem.keyword not in IDENTIFYING and not _is_valid(elem):
             logger.debug("source attribute %s has an invalid value; not copied", elem.keyword)
             continue
         header.add(deepcopy(elem))
