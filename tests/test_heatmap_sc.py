@@ -136,6 +136,14 @@ def test_lossy_history_is_kept(tmp_path: Path) -> None:
     )
 
 
+def test_acquisition_equipment_is_recorded_when_known() -> None:
+    rg1 = read_source(RG1_UNCR)
+    sc = heatmap_secondary_capture(rg1, make_result(rg1))
+    assert rg1.Manufacturer in [e.Manufacturer for e in sc.ContributingEquipmentSequence]
+    nih = read_source("nih-00000001_000-dx-sc.dcm")  # no Manufacturer: only highdicom
+    assert len(heatmap_secondary_capture(nih, make_result(nih)).ContributingEquipmentSequence) == 1
+
+
 def test_missing_type2_attributes_are_sent_empty() -> None:
     source = read_source("nih-00000001_000-dx-sc.dcm")
     sc = heatmap_secondary_capture(source, make_result(source))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 
 import numpy as np
+from highdicom import ContributingEquipment
 from highdicom.sc import SCImage
 from highdicom.sc.enum import ConversionTypeValues
 from highdicom.sr import CodedConcept
@@ -96,6 +97,7 @@ def heatmap_secondary_capture(
         content_date=moment.date(),
         content_time=moment.time(),
         specific_character_set=header.get("SpecificCharacterSet"),
+        contributing_equipment=_acquisition_equipment(header),
     )
     # Names and the other patient/study attributes go in by copy, not through the
     # constructor, whose person-name check would echo them in a warning.
@@ -104,6 +106,18 @@ def heatmap_secondary_capture(
     _describe_capture(sc, equipment, moment)
     _describe_derivation(sc, header, result.findings[0], overlay)
     return sc
+
+
+def _acquisition_equipment(header: Dataset) -> list[ContributingEquipment]:
+    """The source's modality as Contributing Equipment (SOP Common), as the SR records it.
+
+    Sources without a Manufacturer (Type 2, often empty) cannot be described and are left
+    out; highdicom adds itself either way.
+    """
+    try:
+        return [ContributingEquipment.for_image_acquisition(header)]
+    except (AttributeError, ValueError):
+        return []
 
 
 def _check_overlay(source: Dataset, result: ImageResult) -> np.ndarray:
