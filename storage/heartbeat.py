@@ -66,8 +66,9 @@ def node_stopped(session: Session, node_id: str) -> None:
         row.stopped_at = utcnow()
 
 
-def find_heartbeat(session: Session, ae_title: str, port: int,
-                   hostname: str | None = None) -> NodeHeartbeat | None:
+def find_heartbeat(
+    session: Session, ae_title: str, port: int, hostname: str | None = None
+) -> NodeHeartbeat | None:
     """Latest heartbeat of the listener with this AE title and port (preferring this host)."""
     query = select(NodeHeartbeat).where(
         NodeHeartbeat.ae_title == ae_title, NodeHeartbeat.port == port

@@ -44,8 +44,9 @@ class InvalidTransition(ValueError):
     """Raised when a job is asked to move along an edge the state machine does not have."""
 
 
-def create_job(session: Session, instance_id: int, *, kind: str = "analyze", actor: str,
-               priority: int = 0) -> Job:
+def create_job(
+    session: Session, instance_id: int, *, kind: str = "analyze", actor: str, priority: int = 0
+) -> Job:
     """Create a job for an instance in state ``received`` (flushed, so it has an id)."""
     now = utcnow()
     job = Job(
@@ -63,8 +64,9 @@ def create_job(session: Session, instance_id: int, *, kind: str = "analyze", act
     return job
 
 
-def transition(session: Session, job: Job, target: JobState, *, actor: str,
-               error: str | None = None) -> Job:
+def transition(
+    session: Session, job: Job, target: JobState, *, actor: str, error: str | None = None
+) -> Job:
     """Move ``job`` to ``target`` if the state machine allows it, and audit the move."""
     if target not in TRANSITIONS[job.state]:
         raise InvalidTransition(f"job {job.id}: {job.state.value} -> {target.value} not allowed")
@@ -77,8 +79,14 @@ def transition(session: Session, job: Job, target: JobState, *, actor: str,
     details: dict[str, object] = {"from": previous.value, "to": target.value}
     if error:
         details["error"] = job.last_error
-    record_event(session, f"job.{target.value}", actor=actor, job_id=job.id,
-                 instance_id=job.instance_id, details=details)
+    record_event(
+        session,
+        f"job.{target.value}",
+        actor=actor,
+        job_id=job.id,
+        instance_id=job.instance_id,
+        details=details,
+    )
     return job
 
 
@@ -95,8 +103,9 @@ def _stamp(job: Job, target: JobState, now: datetime, error: str | None) -> None
         job.last_error = error[:MAX_ERROR_LENGTH]
 
 
-def enqueue(session: Session, instance_id: int, *, actor: str, kind: str = "analyze",
-            priority: int = 0) -> Job:
+def enqueue(
+    session: Session, instance_id: int, *, actor: str, kind: str = "analyze", priority: int = 0
+) -> Job:
     """Create a job and make it available to workers (received → queued)."""
     job = create_job(session, instance_id, kind=kind, actor=actor, priority=priority)
     return transition(session, job, JobState.QUEUED, actor=actor)
@@ -122,20 +131,37 @@ def claim_next(
     claimed = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.state == JobState.QUEUED)
-        .values(state=JobState.RUNNING, worker=worker, started_at=now, updated_at=now,
-                attempts=Job.attempts + 1)
+        .values(
+            state=JobState.RUNNING,
+            worker=worker,
+            started_at=now,
+            updated_at=now,
+            attempts=Job.attempts + 1,
+        )
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         return None  # somebody else was faster; the caller simply polls again
     session.refresh(job)
-    record_event(session, "job.running", actor=worker, job_id=job.id,
-                 instance_id=job.instance_id, details={"from": "queued", "to": "running"})
+    record_event(
+        session,
+        "job.running",
+        actor=worker,
+        job_id=job.id,
+        instance_id=job.instance_id,
+        details={"from": "queued", "to": "running"},
+    )
     return job
 
 
-def fail(session: Session, job: Job, error: str, *, actor: str,
-         retry_delay: timedelta = timedelta(seconds=30)) -> Job:
+def fail(
+    session: Session,
+    job: Job,
+    error: str,
+    *,
+    actor: str,
+    retry_delay: timedelta = timedelta(seconds=30),
+) -> Job:
     """Record a failed attempt: back to the queue while attempts remain, else ``failed``."""
     if job.state is JobState.RUNNING and job.attempts < job.max_attempts:
         transition(session, job, JobState.QUEUED, actor=actor, error=error)

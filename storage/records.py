@@ -79,8 +79,9 @@ class RecordResult:
     previous_versions: int
 
 
-def record_received(factory: sessionmaker[Session], received: ReceivedInstance, *,
-                    actor: str) -> RecordResult:
+def record_received(
+    factory: sessionmaker[Session], received: ReceivedInstance, *, actor: str
+) -> RecordResult:
     """Record an instance (or its duplicate) in one transaction; retried on races."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
@@ -106,8 +107,7 @@ def _record_once(session: Session, received: ReceivedInstance, actor: str) -> Re
     instance = _insert_instance(session, received, version)
     job = enqueue(session, instance.id, actor=actor)
     disposition = Disposition.NEW_VERSION if versions else Disposition.STORED
-    _audit(session, f"instance.{disposition.value}", received, actor, instance.id, job.id,
-           version)
+    _audit(session, f"instance.{disposition.value}", received, actor, instance.id, job.id, version)
     return RecordResult(disposition, instance.id, version, job.id, len(versions))
 
 
@@ -143,19 +143,22 @@ def _study_id(session: Session, received: ReceivedInstance) -> int:
     key = Study.study_instance_uid == received.study_instance_uid
     study_id = session.scalar(select(Study.id).where(key))
     if study_id is None:
-        _insert_ignore(session, Study, "study_instance_uid", {
-            "study_instance_uid": received.study_instance_uid,
-            "study_date": received.study_date,
-            "accession_number": received.accession_number,
-            "first_received_at": received.received_at,
-            "last_received_at": received.received_at,
-        })
+        _insert_ignore(
+            session,
+            Study,
+            "study_instance_uid",
+            {
+                "study_instance_uid": received.study_instance_uid,
+                "study_date": received.study_date,
+                "accession_number": received.accession_number,
+                "first_received_at": received.received_at,
+                "last_received_at": received.received_at,
+            },
+        )
         study_id = session.scalar(select(Study.id).where(key))
     else:
         session.execute(
-            update(Study)
-            .where(Study.id == study_id)
-            .values(last_received_at=received.received_at)
+            update(Study).where(Study.id == study_id).values(last_received_at=received.received_at)
         )
     if study_id is None:
         raise IntegrityError("study row vanished", None, Exception("race"))
@@ -166,30 +169,43 @@ def _series_id(session: Session, received: ReceivedInstance, study_id: int) -> i
     key = Series.series_instance_uid == received.series_instance_uid
     series_id = session.scalar(select(Series.id).where(key))
     if series_id is None:
-        _insert_ignore(session, Series, "series_instance_uid", {
-            "study_id": study_id,
-            "series_instance_uid": received.series_instance_uid,
-            "modality": received.modality,
-            "body_part_examined": received.body_part_examined,
-            "series_number": received.series_number,
-            "first_received_at": received.received_at,
-        })
+        _insert_ignore(
+            session,
+            Series,
+            "series_instance_uid",
+            {
+                "study_id": study_id,
+                "series_instance_uid": received.series_instance_uid,
+                "modality": received.modality,
+                "body_part_examined": received.body_part_examined,
+                "series_number": received.series_number,
+                "first_received_at": received.received_at,
+            },
+        )
         series_id = session.scalar(select(Series.id).where(key))
     if series_id is None:
         raise IntegrityError("series row vanished", None, Exception("race"))
     return series_id
 
 
-def _insert_ignore(session: Session, model: type[Study] | type[Series], key: str,
-                   values: dict[str, object]) -> None:
+def _insert_ignore(
+    session: Session, model: type[Study] | type[Series], key: str, values: dict[str, object]
+) -> None:
     """INSERT … ON CONFLICT DO NOTHING, so concurrent first arrivals do not collide."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
 
 
-def _audit(session: Session, kind: str, received: ReceivedInstance, actor: str,
-           instance_id: int, job_id: int | None, version: int) -> None:
+def _audit(
+    session: Session,
+    kind: str,
+    received: ReceivedInstance,
+    actor: str,
+    instance_id: int,
+    job_id: int | None,
+    version: int,
+) -> None:
     details = {
         "version": version,
         "sha256": received.sha256,
@@ -198,16 +214,27 @@ def _audit(session: Session, kind: str, received: ReceivedInstance, actor: str,
         "transfer_syntax_uid": received.transfer_syntax_uid,
         "spool_path": received.spool_path,
     }
-    record_event(session, kind, actor=actor, instance_id=instance_id, job_id=job_id,
-                 sop_instance_uid=received.sop_instance_uid, calling_ae=received.calling_ae,
-                 peer_address=received.peer_address, details=details)
+    record_event(
+        session,
+        kind,
+        actor=actor,
+        instance_id=instance_id,
+        job_id=job_id,
+        sop_instance_uid=received.sop_instance_uid,
+        calling_ae=received.calling_ae,
+        peer_address=received.peer_address,
+        details=details,
+    )
 
 
 def count_instances_since(session: Session, since: datetime) -> int:
     """Instances (versions included, duplicates excluded) received since ``since``."""
-    return session.scalar(
-        select(func.count()).select_from(Instance).where(Instance.received_at >= since)
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count()).select_from(Instance).where(Instance.received_at >= since)
+        )
+        or 0
+    )
 
 
 def count_instances(session: Session) -> int:

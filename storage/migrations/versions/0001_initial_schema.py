@@ -87,9 +87,7 @@ def _create_instances() -> None:
         sa.Column("peer_address", sa.String(length=64), nullable=False),
         sa.Column("peer_port", sa.Integer(), nullable=True),
         sa.Column("received_at", TS, nullable=False),
-        sa.ForeignKeyConstraint(
-            ["series_id"], ["series.id"], name="fk_instances_series_id_series"
-        ),
+        sa.ForeignKeyConstraint(["series_id"], ["series.id"], name="fk_instances_series_id_series"),
         sa.PrimaryKeyConstraint("id", name="pk_instances"),
         sa.UniqueConstraint(
             "sop_instance_uid", "sha256", name="uq_instances_sop_instance_uid_sha256"

@@ -1,0 +1,370 @@
+"""The one settings object of the node (pydantic-settings).
+
+Sources, strongest first:
+
+1. explicit keyword arguments (tests, embedding);
+2. the short environment variables operators know from the docs, e.g. ``DICOM_NODE_PORT``
+   (see :data:`FLAT_ENV`);
+3. the generic nested form ``DICOM_NODE_<SECTION>__<KEY>``, which exists for every key,
+   including sections added later (``DICOM_NODE_STORAGE__DURABLE_WRITES=false``);
+4. the TOML file given by ``--config FILE`` or ``DICOM_NODE_CONFIG``;
+5. the embedded defaults, which start a working node with nothing configured.
+
+Unknown keys are errors, not silently ignored: a misspelt ``allowed_calling_aets`` must
+not leave a node open to everyone. Adding a section later (e.g. ``[inference]``) is
+adding one model and one field on :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+ENV_PREFIX = "DICOM_NODE_"
+CONFIG_ENV = "DICOM_NODE_CONFIG"
+
+# Documented short environment variables → (section, key).
+FLAT_ENV: Mapping[str, tuple[str, str]] = {
+    "DICOM_NODE_HOME": ("storage", "home"),
+    "DICOM_NODE_DATABASE_URL": ("storage", "database_url"),
+    "DICOM_NODE_SPOOL_DIR": ("storage", "spool_dir"),
+    "DICOM_NODE_AE_TITLE": ("node", "ae_title"),
+    "DICOM_NODE_HOST": ("node", "host"),
+    "DICOM_NODE_PORT": ("node", "port"),
+    "DICOM_NODE_ALLOWED_CALLING_AETS": ("node", "allowed_calling_aets"),
+    "DICOM_NODE_ALLOWED_HOSTS": ("node", "allowed_hosts"),
+    "DICOM_NODE_HTTP_PORT": ("http", "port"),
+    "DICOM_NODE_LOG_LEVEL": ("logging", "level"),
+    "DICOM_NODE_LOG_FORMAT": ("logging", "format"),
+}
+
+SUPPORTED_DATABASES = ("sqlite", "postgresql")
+_TOML_DATA: ContextVar[dict[str, Any]] = ContextVar("_TOML_DATA", default={})  # noqa: B039
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``str(error)`` is one line naming the key and the reason."""
+
+
+def validate_ae_title(value: str) -> str:
+    """AE title per PS3.5 Table 6.2-1: 1–16 characters of the default repertoire.
+
+    Leading and trailing spaces are not significant and are stripped; backslash and
+    control characters are forbidden.
+    """
+    title = value.strip(" ")
+    if not 1 <= len(title) <= 16:
+        raise ValueError("an AE title must be 1 to 16 characters")
+    if any(ch == "\\" or not " " <= ch <= "~" for ch in title):
+        raise ValueError("an AE title may not contain backslash or control characters")
+    return title
+
+
+def _split_list(value: object) -> object:
+    """Accept lists, JSON lists or comma-separated strings (handy in env vars)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+class NodeSettings(_Section):
+    """``[node]``: the DICOM listener."""
+
+    ae_title: str = Field("CXR_AI", description="Our AE title (called AE title).")
+    host: str = Field("0.0.0.0", min_length=1, description="Address to listen on.")
+    port: int = Field(11112, ge=1, le=65535, description="DICOM port.")
+    allowed_calling_aets: StrList = Field(
+        default_factory=list, description="Calling AE titles allowed to associate; empty = any."
+    )
+    allowed_hosts: StrList = Field(
+        default_factory=list,
+        description="Peer IP addresses or networks (CIDR) allowed to associate; empty = any.",
+    )
+    max_associations: int = Field(16, ge=1, le=1000, description="Concurrent associations.")
+    max_pdu_size: int = Field(
+        262_144, ge=0, description="Largest PDU we accept, bytes (0 = unlimited)."
+    )
+    acse_timeout: float = Field(30.0, gt=0, description="Association negotiation timeout, s.")
+    dimse_timeout: float = Field(120.0, gt=0, description="DIMSE message timeout, s.")
+    network_timeout: float = Field(120.0, gt=0, description="Idle network timeout, s.")
+    heartbeat_interval: float = Field(
+        10.0, gt=0, description="Seconds between liveness records read by `status`."
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _split_aets(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_aets(cls, value: list[str]) -> list[str]:
+        return [validate_ae_title(title) for title in value]
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
+        return value
+
+
+class StorageSettings(_Section):
+    """``[storage]``: where data lives."""
+
+    home: Path = Field(Path("var"), description="Data directory (spool, SQLite file, logs).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<home>/node.db."
+    )
+    spool_dir: Path | None = Field(None, description="Spool directory; default <home>/spool.")
+    durable_writes: bool = Field(
+        True, description="fsync files and directories before acknowledging a C-STORE."
+    )
+    min_free_mb: int = Field(
+        100, ge=0, description="Refuse C-STOREs (0xA700) when less disk than this is free."
+    )
+
+    @field_validator("home", "spool_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Relative paths are taken from the working directory at start-up."""
+        return value.expanduser().absolute() if value is not None else None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            raise ValueError("not a valid SQLAlchemy database URL") from None
+        if backend not in SUPPORTED_DATABASES:
+            raise ValueError(f"unsupported database {backend!r} (use sqlite or postgresql)")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL, or the embedded SQLite database in ``home``."""
+        return self.database_url or f"sqlite:///{self.home / 'node.db'}"
+
+    @property
+    def spool_root(self) -> Path:
+        return self.spool_dir or self.home / "spool"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+
+class HttpSettings(_Section):
+    """``[http]``: the HTTP API (served by a later version)."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address of the HTTP API.")
+    port: int = Field(8080, ge=1, le=65535, description="Port of the HTTP API.")
+
+
+class LoggingSettings(_Section):
+    """``[logging]``: structured logs on stderr and in ``<home>/logs/node.log``."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = Field("json", description="json lines or key=value text.")
+    to_file: bool = Field(True, description="Also write <home>/logs/node.log (rotated).")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """All configuration of a node process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    node: NodeSettings = Field(default_factory=lambda: NodeSettings())
+    storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
+    http: HttpSettings = Field(default_factory=lambda: HttpSettings())
+    logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _FlatEnvSource(settings_cls),
+            env_settings,
+            _TomlSource(settings_cls),
+        )
+
+
+class _FlatEnvSource(PydanticBaseSettingsSource):
+    """The documented short variables (``DICOM_NODE_PORT`` …) mapped into sections."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ builds the whole dict
+
+    def __call__(self) -> dict[str, Any]:
+        data: dict[str, dict[str, Any]] = {}
+        for name, (section, key) in FLAT_ENV.items():
+            if name in os.environ:
+                data.setdefault(section, {})[key] = os.environ[name]
+        return data
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The already parsed TOML file of the current :func:`load_settings` call."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _TOML_DATA.get()
+
+
+def config_path_from_env() -> Path | None:
+    """The config file named by ``DICOM_NODE_CONFIG``, if any."""
+    value = os.environ.get(CONFIG_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file, turning every failure into a one-line ConfigError."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+
+
+@contextmanager
+def _toml_data(data: dict[str, Any]) -> Iterator[None]:
+    token = _TOML_DATA.set(data)
+    try:
+        yield
+    finally:
+        _TOML_DATA.reset(token)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from all sources; raise :class:`ConfigError` if invalid."""
+    path = config_file or config_path_from_env()
+    data = read_toml(path) if path is not None else {}
+    with _toml_data(data):
+        try:
+            return Settings(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(describe_error(exc, path)) from None
+
+
+def describe_error(exc: ValidationError, path: Path | None) -> str:
+    """One line: which key is wrong, why, the offending value and where it came from."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(str(part) for part in first["loc"])
+    key = ".".join(loc) or "<root>"
+    reason = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    reason = reason.removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or first["type"] == "missing" else f" (got {value!r})"
+    more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
+    line = f"{key}: {reason}{shown}, from {_source_of(loc, path)}{more}"
+    return " ".join(line.split())
+
+
+def _source_of(loc: tuple[str, ...], path: Path | None) -> str:
+    """Name the source that supplied the key at ``loc`` (env var beats file)."""
+    if len(loc) >= 2:
+        for name, target in FLAT_ENV.items():
+            if target == (loc[0], loc[1]) and name in os.environ:
+                return f"environment variable {name}"
+        nested = f"{ENV_PREFIX}{loc[0]}__{loc[1]}".upper()
+        if nested in os.environ:
+            return f"environment variable {nested}"
+    if path is not None:
+        return f"config file {path}"
+    return "defaults"
+
+
+def to_toml(settings: Settings) -> str:
+    """Render the effective settings as TOML (database password hidden)."""
+    data = settings.model_dump(mode="json")
+    data["storage"]["database_url"] = _redacted_url(settings.storage.effective_database_url)
+    data["storage"]["spool_dir"] = str(settings.storage.spool_root)
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(
+            f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _redacted_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))
