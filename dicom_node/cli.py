@@ -1,0 +1,200 @@
+"""``dicom-node``: the command line (Typer + Rich).
+
+Commands are grouped the way operators think about them: ``serve`` runs the node,
+``status`` looks at it, ``db …`` and ``config …`` manage what it runs on. New commands
+(``analyze``, ``worker``…) are added with ``@app.command()`` or a sub-app like ``db``;
+every command takes ``--config`` and loads settings through :func:`load_or_exit`.
+
+Conventions: exit code 2 is "your configuration (or command line) is wrong", with one
+line on stderr saying which key and why; machine-readable output (``--json``) goes to
+stdout and nothing else does; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dicom_node import __version__
+from dicom_node.config import ConfigError, LoggingSettings, Settings, load_settings, to_toml
+from dicom_node.logs import configure_logging, get_logger
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+app = typer.Typer(
+    name="dicom-node",
+    help="DICOM node that screens chest radiographs with AI and reports back to PACS.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # tracebacks with locals could show patient data
+)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="TOML config file [default: $DICOM_NODE_CONFIG].", dir_okay=False
+    ),
+]
+log = get_logger("dicom_node.cli")
+
+
+def load_or_exit(config: Path | None, **overrides: Any) -> Settings:
+    """Load settings or exit 2 with one line on stderr naming the bad key."""
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        typer.echo(f"dicom-node: invalid configuration: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"dicom-node {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """DICOM node that screens chest radiographs with AI and reports back to PACS."""
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: DICOM listener (and later workers, sender, API) in one process."""
+    settings = load_or_exit(config)
+    configure_logging(settings.logging, settings.storage.log_dir)
+    from dicom_node.node import Node, NodeStartError
+
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    node = Node(settings)
+    try:
+        node.start()
+    except NodeStartError as exc:
+        log.error("node cannot start", reason=str(exc))
+        typer.echo(f"dicom-node: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILURE) from None
+    node.serve_until(stop)
+
+
+def _install_stop_signals(stop: threading.Event) -> None:
+    def _handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("stop requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Listener, database, job queue and spool at a glance (exit 1 if unhealthy)."""
+    settings = load_or_exit(config)
+    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    from dicom_node.status import collect_status
+
+    report = collect_status(settings)
+    if json_output:
+        typer.echo(json.dumps(report, default=str))
+    else:
+        _print_status(report)
+    if not report["healthy"]:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    console = Console()
+    listener, database, spool = report["listener"], report["database"], report["spool"]
+    table = Table(title=f"dicom-node {report['version']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "listener",
+        f"{listener['ae_title']} @ {listener['host']}:{listener['port']} — {listener['state']}",
+    )
+    table.add_row("up since", str(listener["up_since"] or "-"))
+    reach = "reachable" if database["reachable"] else f"UNREACHABLE ({database['error']})"
+    table.add_row("database", f"{database['backend']} {database['url']} — {reach}")
+    table.add_row("schema", f"{database['schema_revision']} (head {database['schema_head']})")
+    jobs = ", ".join(f"{state} {count}" for state, count in report["jobs"].items())
+    table.add_row("jobs", jobs)
+    table.add_row(
+        "instances",
+        f"{report['instances']['last_hour']} in the last hour, "
+        f"{report['instances']['total']} in total",
+    )
+    free_gib = spool["free_bytes"] / 1024**3
+    table.add_row("spool", f"{spool['path']} — {free_gib:.1f} GiB free ({spool['free_percent']} %)")
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: ConfigOption = None,
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Apply database migrations (also done automatically by ``serve``)."""
+    settings = load_or_exit(config)
+    configure_logging(settings.logging, settings.storage.log_dir)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage.db import current_revision, make_engine, redact_url, upgrade
+
+    url = settings.storage.effective_database_url
+    engine = make_engine(url)
+    try:
+        upgrade(engine, revision)
+        now = current_revision(engine)
+    except SQLAlchemyError as exc:
+        typer.echo(
+            f"dicom-node: database {redact_url(url)}: "
+            f"{str(getattr(exc, 'orig', None) or exc).splitlines()[0]}",
+            err=True,
+        )
+        raise typer.Exit(EXIT_FAILURE) from None
+    finally:
+        engine.dispose()
+    log.info("database upgraded", url=redact_url(url), revision=now)
+    Console(stderr=True).print(f"database {redact_url(url)} at revision [bold]{now}[/bold]")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective configuration as TOML (passwords hidden)."""
+    typer.echo(to_toml(load_or_exit(config)))
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate the configuration: exit 0 if valid, 2 with the reason if not."""
+    load_or_exit(config)
+    typer.echo("configuration ok")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
