@@ -140,61 +140,63 @@ def _insert_instance(session: Session, received: ReceivedInstance, version: int)
 
 
 def _study_id(session: Session, received: ReceivedInstance) -> int:
-    key = Study.study_instance_uid == received.study_instance_uid
-    study_id = session.scalar(select(Study.id).where(key))
-    if study_id is None:
-        _insert_ignore(
-            session,
-            Study,
-            "study_instance_uid",
-            {
-                "study_instance_uid": received.study_instance_uid,
-                "study_date": received.study_date,
-                "accession_number": received.accession_number,
-                "first_received_at": received.received_at,
-                "last_received_at": received.received_at,
-            },
-        )
-        study_id = session.scalar(select(Study.id).where(key))
-    else:
+    study_id, created = _get_or_create(
+        session,
+        Study,
+        "study_instance_uid",
+        {
+            "study_instance_uid": received.study_instance_uid,
+            "study_date": received.study_date,
+            "accession_number": received.accession_number,
+            "first_received_at": received.received_at,
+            "last_received_at": received.received_at,
+        },
+    )
+    if not created:
         session.execute(
             update(Study).where(Study.id == study_id).values(last_received_at=received.received_at)
         )
-    if study_id is None:
-        raise IntegrityError("study row vanished", None, Exception("race"))
     return study_id
 
 
 def _series_id(session: Session, received: ReceivedInstance, study_id: int) -> int:
-    key = Series.series_instance_uid == received.series_instance_uid
-    series_id = session.scalar(select(Series.id).where(key))
-    if series_id is None:
-        _insert_ignore(
-            session,
-            Series,
-            "series_instance_uid",
-            {
-                "study_id": study_id,
-                "series_instance_uid": received.series_instance_uid,
-                "modality": received.modality,
-                "body_part_examined": received.body_part_examined,
-                "series_number": received.series_number,
-                "first_received_at": received.received_at,
-            },
-        )
-        series_id = session.scalar(select(Series.id).where(key))
-    if series_id is None:
-        raise IntegrityError("series row vanished", None, Exception("race"))
+    series_id, _ = _get_or_create(
+        session,
+        Series,
+        "series_instance_uid",
+        {
+            "study_id": study_id,
+            "series_instance_uid": received.series_instance_uid,
+            "modality": received.modality,
+            "body_part_examined": received.body_part_examined,
+            "series_number": received.series_number,
+            "first_received_at": received.received_at,
+        },
+    )
     return series_id
 
 
-def _insert_ignore(
+def _get_or_create(
     session: Session, model: type[Study] | type[Series], key: str, values: dict[str, object]
-) -> None:
-    """INSERT … ON CONFLICT DO NOTHING, so concurrent first arrivals do not collide."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+) -> tuple[int, bool]:
+    """Id of the row whose ``key`` matches, inserting it if needed: (id, created).
+
+    INSERT … ON CONFLICT DO NOTHING RETURNING lets concurrent first arrivals of one study
+    race without an error: the loser simply reads the winner's row.
+    """
+    column = getattr(model, key)
+    found = session.scalar(select(model.id).where(column == values[key]))
+    if found is not None:
+        return found, False
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+    created = session.scalar(statement.returning(model.id))
+    if created is not None:
+        return created, True
+    found = session.scalar(select(model.id).where(column == values[key]))
+    if found is None:
+        raise IntegrityError(f"{model.__tablename__} row vanished", None, Exception("race"))
+    return found, False
 
 
 def _audit(

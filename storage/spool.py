@@ -3,7 +3,8 @@
 Layout under the spool root::
 
     tmp/          files being written (anything left here after a crash was never acked)
-    objects/      content-addressed store: objects/ab/cd/<sha256>.dcm
+    objects/      content-addressed store: objects/ab/<sha256>.dcm (256 fan-out folders,
+                  created up front so that storing never has to create and sync one)
     quarantine/   bytes we refused, with a JSON note saying why, for a human to inspect
 
 A file is written to ``tmp/``, fsync'd, renamed into ``objects/`` and the directory is
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +30,10 @@ from typing import Any
 
 Chunk = bytes | bytearray | memoryview
 OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+PARALLEL_HASH_BYTES = 1 << 20  # below this, a thread hand-off costs more than it saves
+_HASHERS = ThreadPoolExecutor(
+    max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="spool-hash"
+)
 
 
 def is_out_of_space(error: OSError) -> bool:
@@ -64,6 +70,8 @@ class Spool:
         """
         for directory in (self.tmp_dir, self.objects_dir, self.quarantine_dir):
             self._ensure_dir(directory)
+        for prefix in range(256):
+            self._ensure_dir(self.objects_dir / f"{prefix:02x}")
         removed = 0
         for leftover in self.tmp_dir.glob("*.part"):
             leftover.unlink(missing_ok=True)
@@ -73,7 +81,7 @@ class Spool:
     def store(self, chunks: Sequence[Chunk]) -> SpooledObject:
         """Durably store the concatenation of ``chunks``; raises ``OSError`` on failure."""
         tmp_path, digest, size = self._write_temp(chunks)
-        relpath = f"objects/{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+        relpath = f"objects/{digest[:2]}/{digest}.dcm"
         final = self.root / relpath
         try:
             self._ensure_dir(final.parent)
@@ -124,22 +132,30 @@ class Spool:
         return path
 
     def _write_temp(self, chunks: Sequence[Chunk]) -> tuple[Path, str, int]:
+        """Write to a temporary file while hashing the same bytes on another core.
+
+        hashlib and os.write both release the GIL, so for the multi-megabyte objects a
+        radiograph is, hashing costs no latency: it overlaps with the write and fsync.
+        """
+        views = [memoryview(chunk).cast("B") for chunk in chunks]
+        size = sum(len(view) for view in views)
+        hasher = hashlib.sha256()
+        hashing = _HASHERS.submit(_hash_all, hasher, views) if size >= PARALLEL_HASH_BYTES else None
+        if hashing is None:
+            _hash_all(hasher, views)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
         tmp_path = Path(name)
-        hasher = hashlib.sha256()
-        size = 0
         try:
             try:
-                for chunk in chunks:
-                    view = memoryview(chunk).cast("B")
-                    hasher.update(view)
+                for view in views:
                     _write_all(fd, view)
-                    size += len(view)
                 if self.durable:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+                if hashing is not None:
+                    hashing.result()  # never leave a thread reading buffers we hand back
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
@@ -166,6 +182,11 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _hash_all(hasher: Any, views: Sequence[memoryview]) -> None:
+    for view in views:
+        hasher.update(view)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

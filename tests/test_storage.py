@@ -48,7 +48,7 @@ def received(uid: str = "1.2.3.4.5", sha: str = "a" * 64, **changes: object) -> 
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         sha256=sha,
         size_bytes=1234,
-        spool_path=f"objects/{sha[:2]}/{sha[2:4]}/{sha}.dcm",
+        spool_path=f"objects/{sha[:2]}/{sha}.dcm",
         calling_ae="PACS",
         called_ae="CXR_AI",
         peer_address="127.0.0.1",
@@ -132,7 +132,7 @@ def test_record_creates_study_series_instance_job_and_audit(
         job = s.scalars(select(Job).where(Job.instance_id == instance.id)).one()
         assert job.state is JobState.QUEUED and job.queued_at is not None
         kinds = s.scalars(select(AuditEvent.kind).order_by(AuditEvent.id)).all()
-        assert kinds == ["job.received", "job.queued", "instance.stored"]
+        assert kinds == ["job.queued", "instance.stored"]
 
 
 def test_identical_resend_is_a_duplicate(sessions: sessionmaker[Session]) -> None:
@@ -213,7 +213,7 @@ def test_audit_events_are_append_only(sessions: sessionmaker[Session], engine: E
         with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
             conn.execute(text(statement))
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM audit_events")).scalar() == 3
+        assert conn.execute(text("SELECT count(*) FROM audit_events")).scalar() == 2
 
 
 # -- job state machine --------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_spool_store_is_content_addressed(spool: Spool) -> None:
     stored = spool.store((b"head", b"-", b"body"))
     digest = hashlib.sha256(b"head-body").hexdigest()
     assert stored.sha256 == digest and stored.size == 9
-    assert stored.relpath == f"objects/{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+    assert stored.relpath == f"objects/{digest[:2]}/{digest}.dcm"
     assert stored.path.read_bytes() == b"head-body" and not stored.already_present
     again = spool.store((b"head-body",))
     assert again.already_present and again.path == stored.path
@@ -382,4 +382,4 @@ def test_spool_write_failure_leaves_no_temp_file(
     assert caught.value.errno == errno.ENOSPC
     monkeypatch.undo()
     assert list(spool.tmp_dir.iterdir()) == []
-    assert list(spool.objects_dir.iterdir()) == []
+    assert list(spool.objects_dir.rglob("*.dcm")) == []
