@@ -128,29 +128,31 @@ def status(
 
 
 def _print_status(report: dict[str, Any]) -> None:
-    console = Console()
     listener, database, spool = report["listener"], report["database"], report["spool"]
     table = Table(title=f"dicom-node {report['version']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row(
-        "listener",
-        f"{listener['ae_title']} @ {listener['host']}:{listener['port']} — {listener['state']}",
-    )
-    table.add_row("up since", str(listener["up_since"] or "-"))
+    address = f"{listener['ae_title']} @ {listener['host']}:{listener['port']}"
+    table.add_row("listener", f"{address} — {listener['state']}")
+    table.add_row("up since", _shown(listener["up_since"]))
     reach = "reachable" if database["reachable"] else f"UNREACHABLE ({database['error']})"
     table.add_row("database", f"{database['backend']} {database['url']} — {reach}")
-    table.add_row("schema", f"{database['schema_revision']} (head {database['schema_head']})")
-    jobs = ", ".join(f"{state} {count}" for state, count in report["jobs"].items())
-    table.add_row("jobs", jobs)
-    table.add_row(
-        "instances",
-        f"{report['instances']['last_hour']} in the last hour, "
-        f"{report['instances']['total']} in total",
-    )
+    revision = _shown(database["schema_revision"])
+    table.add_row("schema", f"{revision} (code expects {database['schema_head']})")
+    if database["reachable"] and database["schema_revision"]:
+        jobs = ", ".join(f"{state} {count}" for state, count in report["jobs"].items())
+        instances = report["instances"]
+        table.add_row("jobs", jobs)
+        table.add_row(
+            "instances", f"{instances['last_hour']} in the last hour, {instances['total']} in total"
+        )
     free_gib = spool["free_bytes"] / 1024**3
     table.add_row("spool", f"{spool['path']} — {free_gib:.1f} GiB free ({spool['free_percent']} %)")
-    console.print(table)
+    Console().print(table)
+
+
+def _shown(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 @db_app.command("upgrade")

@@ -107,6 +107,9 @@ class NodeSettings(_Section):
         default_factory=list,
         description="Peer IP addresses or networks (CIDR) allowed to associate; empty = any.",
     )
+    require_called_ae: bool = Field(
+        False, description="Reject associations not addressed to our AE title."
+    )
     max_associations: int = Field(16, ge=1, le=1000, description="Concurrent associations.")
     max_pdu_size: int = Field(
         262_144, ge=0, description="Largest PDU we accept, bytes (0 = unlimited)."

@@ -71,6 +71,7 @@ def build_ae(settings: NodeSettings) -> AE:
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
     ae.add_supported_context(VERIFICATION_SOP_CLASS, list(VERIFICATION_SYNTAXES))
+    ae.require_called_aet = settings.require_called_ae
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.acse_timeout = settings.acse_timeout

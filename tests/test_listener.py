@@ -359,3 +359,14 @@ def test_unknown_host_is_rejected(spool: Spool, sessions: sessionmaker[Session])
         assert "Association Rejected" in rejected.stdout + rejected.stderr
     finally:
         running.listener.stop(grace_seconds=5)
+
+
+def test_called_ae_can_be_required(spool: Spool, sessions: sessionmaker[Session]) -> None:
+    running = start_listener(spool, sessions, require_called_ae=True)
+    try:
+        wrong = echoscu(running.port, called_ae="ANY-SCP")
+        assert wrong.returncode != 0
+        assert "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
+        assert echoscu(running.port, called_ae=NODE_AE).returncode == 0
+    finally:
+        running.listener.stop(grace_seconds=5)
