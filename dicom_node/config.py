@@ -207,6 +207,40 @@ class HttpSettings(_Section):
     port: int = Field(8080, ge=1, le=65535, description="Port of the HTTP API.")
 
 
+class InferenceSettings(_Section):
+    """``[inference]``: the model bundles and the thresholds in force.
+
+    Thresholds default to the ones each bundle was validated with; overriding them here
+    changes what the node reports as present, so every override is logged at start-up.
+    """
+
+    screen_bundle: Path | None = Field(None, description="Screen bundle; default: shipped.")
+    confirm_bundle: Path | None = Field(None, description="Confirm bundle; default: shipped.")
+    screen_threshold: float | None = Field(
+        None, ge=0, le=1, description="Screen probability that sends an image to confirm."
+    )
+    confirm_threshold: float | None = Field(
+        None, ge=0, le=1, description="Confirm probability at which a finding is present."
+    )
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device.")
+    threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0 = all cores.")
+    heatmaps: bool = Field(True, description="Compute Grad-CAM heatmaps.")
+    batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass.")
+
+    def cascade_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :meth:`inference.cascade.Cascade.load`."""
+        kwargs: dict[str, Any] = {"heatmaps": self.heatmaps, "device": self.device}
+        if self.screen_bundle is not None:
+            kwargs["screen_path"] = self.screen_bundle
+        if self.confirm_bundle is not None:
+            kwargs["confirm_path"] = self.confirm_bundle
+        if self.screen_threshold is not None:
+            kwargs["screen_thresholds"] = {"pneumonia": self.screen_threshold}
+        if self.confirm_threshold is not None:
+            kwargs["confirm_thresholds"] = {"pneumonia": self.confirm_threshold}
+        return kwargs
+
+
 class LoggingSettings(_Section):
     """``[logging]``: structured logs on stderr and in ``<home>/logs/node.log``."""
 
@@ -233,6 +267,7 @@ class Settings(BaseSettings):
     node: NodeSettings = Field(default_factory=lambda: NodeSettings())
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     http: HttpSettings = Field(default_factory=lambda: HttpSettings())
+    inference: InferenceSettings = Field(default_factory=lambda: InferenceSettings())
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
 
     @classmethod

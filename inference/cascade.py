@@ -144,6 +144,27 @@ class Cascade:
             self._run(items)
         return results
 
+    def analyze_pixels(
+        self, images: Sequence[DecodedImage], uids: Sequence[str | None] | None = None
+    ) -> list[ImageResult]:
+        """The same decision for already decoded display images (no header gate).
+
+        For callers that hold pixels rather than DICOM (evaluation on JPEG test sets,
+        other front ends); the feature gate still applies.
+        """
+        uids = uids if uids is not None else [None] * len(images)
+        items = [
+            _Item(
+                ImageResult(uid, SCORED, spacing_mm=image.spacing_mm),
+                image,
+                to_network_input(image.pixels, self.transforms),
+            )
+            for image, uid in zip(images, uids, strict=True)
+        ]
+        if items:
+            self._run(items)
+        return [it.result for it in items]
+
     # -- stages --------------------------------------------------------------------------
 
     def _prepare(self, ds: Dataset) -> _Item | ImageResult:

@@ -104,6 +104,13 @@ def load_kermany(root: Path, limit: int | None = None) -> tuple[Split, Split]:
     return _read_split(root, train_rows), _read_split(root, val_rows)
 
 
+def load_labelled(root: Path, limit: int | None = None) -> Split:
+    """A whole labelled folder (e.g. the official test split) as one split."""
+    with (root / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    return _read_split(root, rows[:limit] if limit else rows)
+
+
 def _pick_validation_patients(
     by_patient: dict[str, list[dict[str, str]]], fraction: float
 ) -> set[str]:
@@ -119,7 +126,7 @@ def _pick_validation_patients(
 def _read_split(root: Path, rows: list[dict[str, str]]) -> Split:
     images = np.stack([_read_grey(root / r["path"]) for r in rows])
     labels = np.array([r["label"] == "pneumonia" for r in rows], dtype=np.float32)
-    return Split(images, labels, [r["patient"] for r in rows])
+    return Split(images, labels, [r.get("patient", "") for r in rows])
 
 
 def _read_grey(path: Path) -> np.ndarray:
