@@ -1,8 +1,9 @@
 """SQLAlchemy 2 models: what the node has received and what it still has to do with it.
 
 The schema mirrors the DICOM information model only as far as the node needs it
-(study → series → instance), plus the work queue (``jobs``), an append-only audit trail
-(``audit_events``) and the liveness record of running listeners (``node_heartbeats``).
+(study → series → instance), plus the work queue (``jobs``), what the engine concluded
+(``results``), the outbox of objects still to deliver (``sends``), an append-only audit
+trail (``audit_events``) and the liveness record of running listeners (``node_heartbeats``).
 
 Patient demographics are deliberately *not* copied into the database: the spooled file
 is the source of truth for them, which keeps the database (and anything that dumps it)
@@ -20,9 +21,11 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -93,6 +96,36 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
+
+
+class ResultStatus(enum.StrEnum):
+    """What the engine made of an image (mirrors the engine's own result status)."""
+
+    SCORED = "scored"
+    NOT_SCORED = "not_scored"
+    ERROR = "error"
+
+
+class SendState(enum.StrEnum):
+    """Life cycle of one outbox entry; the transitions live in :mod:`storage.outbox`."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+def _state_enum(enum_class: type[enum.StrEnum], name: str) -> Enum:
+    """A string column with a CHECK constraint: portable, readable in plain SQL."""
+    return Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda states: [s.value for s in states],
+        validate_strings=True,
+    )
 
 
 class Base(DeclarativeBase):
@@ -166,6 +199,8 @@ class Instance(Base):
     peer_address: Mapped[str] = mapped_column(String(64))
     peer_port: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    # Set when retention removed the spooled file; the row stays as history.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     series: Mapped[Series] = relationship(back_populates="instances")
     jobs: Mapped[list[Job]] = relationship(back_populates="instance")
@@ -205,6 +240,76 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     instance: Mapped[Instance] = relationship(back_populates="jobs")
+
+
+class Result(Base):
+    """What one pipeline (with one set of models) concluded about one instance version.
+
+    Unique per (instance, pipeline, model identity): re-running a job — after a crash, say —
+    updates its row instead of adding a second opinion of the same models. The findings
+    are kept as JSON (code, scheme, meaning, probability, present, stage, threshold,
+    model) because their shape follows the models, not the schema.
+    """
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("instance_id", "pipeline", "model_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    pipeline: Mapped[str] = mapped_column(String(32))
+    model_key: Mapped[str] = mapped_column(String(255))
+    status: Mapped[ResultStatus] = mapped_column(_state_enum(ResultStatus, "result_status"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JsonDocument, default=list)
+    in_domain: Mapped[bool | None] = mapped_column(Boolean)
+    ood_distance: Mapped[float | None] = mapped_column(Float)
+    warnings: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
+    timings_ms: Mapped[dict[str, float]] = mapped_column(JsonDocument, default=dict)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    sr_path: Mapped[str | None] = mapped_column(String(255))
+    sc_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    sc_path: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Send(Base):
+    """One object to deliver to one destination: the persistent outbox.
+
+    Unique per (destination, SOP Instance UID): whatever happens upstream — a job re-run,
+    a worker that crashed after committing — one object is queued for one destination
+    once. ``next_attempt_at`` is when a pending send is due, and for a send being
+    transmitted the end of its lease (a sender that died leaves it to be claimed again).
+    """
+
+    __tablename__ = "sends"
+    __table_args__ = (
+        UniqueConstraint("destination", "sop_instance_uid"),
+        Index("ix_sends_claim", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    file_path: Mapped[str] = mapped_column(String(255))
+    state: Mapped[SendState] = mapped_column(
+        _state_enum(SendState, "send_state"), default=SendState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    first_enqueued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sender: Mapped[str | None] = mapped_column(String(128))
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class AuditEvent(Base):

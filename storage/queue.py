@@ -13,11 +13,18 @@ transaction, so the state of a job and the record of how it got there cannot dis
 Claiming uses ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite (where the clause is
 not rendered) the write lock taken by ``BEGIN IMMEDIATE`` serialises claimers, and the
 conditional update below guards against double claims on either backend.
+
+A claim is a *lease*: ``available_at`` of a running job is the moment its worker is
+presumed dead. A job whose worker died (``kill -9``, power loss) is therefore never lost:
+it goes back to the queue when the lease expires, or at once when a node on the same host
+starts and finds the worker's process gone (:func:`recover_orphans`). Each claim counts
+as an attempt, so an image that kills its worker every time ends ``failed`` after
+``max_attempts`` instead of taking the node down forever.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
@@ -38,6 +45,7 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
 }
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.SKIPPED})
 MAX_ERROR_LENGTH = 4000
+DEFAULT_LEASE = timedelta(minutes=10)
 
 
 class InvalidTransition(ValueError):
@@ -139,22 +147,46 @@ def _stamp(job: Job, target: JobState, now: datetime, error: str | None) -> None
 
 
 def claim_next(
-    session: Session, worker: str, *, kinds: tuple[str, ...] | None = None
+    session: Session,
+    worker: str,
+    *,
+    kinds: tuple[str, ...] | None = None,
+    lease: timedelta = DEFAULT_LEASE,
 ) -> Job | None:
     """Claim the most urgent available job for ``worker`` (queued → running), or None."""
+    claimed = claim_batch(session, worker, limit=1, kinds=kinds, lease=lease)
+    return claimed[0] if claimed else None
+
+
+def claim_batch(
+    session: Session,
+    worker: str,
+    *,
+    limit: int,
+    kinds: tuple[str, ...] | None = None,
+    lease: timedelta = DEFAULT_LEASE,
+) -> list[Job]:
+    """Claim up to ``limit`` available jobs, most urgent first (priority, then arrival).
+
+    Jobs whose worker's lease has expired are recovered first, so a dead worker's job is
+    picked up by whoever claims next.
+    """
     now = utcnow()
+    recover_expired(session, actor=worker, now=now)
     query = (
         select(Job)
         .where(Job.state == JobState.QUEUED, Job.available_at <= now)
         .order_by(Job.priority.desc(), Job.id)
-        .limit(1)
+        .limit(limit)
         .with_for_update(skip_locked=True)
     )
     if kinds:
         query = query.where(Job.kind.in_(kinds))
-    job = session.scalars(query).first()
-    if job is None:
-        return None
+    candidates = list(session.scalars(query))
+    return [job for job in candidates if _claim(session, job, worker, now, lease)]
+
+
+def _claim(session: Session, job: Job, worker: str, now: datetime, lease: timedelta) -> bool:
     claimed = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.state == JobState.QUEUED)
@@ -163,12 +195,13 @@ def claim_next(
             worker=worker,
             started_at=now,
             updated_at=now,
+            available_at=now + lease,
             attempts=Job.attempts + 1,
         )
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        return None  # somebody else was faster; the caller simply polls again
+        return False  # somebody else was faster; the caller simply polls again
     session.refresh(job)
     record_event(
         session,
@@ -178,7 +211,61 @@ def claim_next(
         instance_id=job.instance_id,
         details={"from": "queued", "to": "running"},
     )
-    return job
+    return True
+
+
+def recover_expired(session: Session, *, actor: str, now: datetime | None = None) -> int:
+    """Give running jobs whose lease expired back to the queue (or fail them)."""
+    now = now or utcnow()
+    expired = session.scalars(
+        select(Job)
+        .where(Job.state == JobState.RUNNING, Job.available_at <= now)
+        .with_for_update(skip_locked=True)
+    )
+    jobs = list(expired)
+    for job in jobs:
+        _requeue_abandoned(session, job, f"lease of worker {job.worker} expired", actor, now)
+    return len(jobs)
+
+
+def owner_is_gone(owner: str, hostname: str, is_alive: Callable[[int], bool]) -> bool:
+    """Whether ``owner`` (``host:pid:name``) is a process of this host that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != hostname or not pid_text.isdigit():
+        return False
+    return not is_alive(int(pid_text))
+
+
+def recover_orphans(
+    session: Session, hostname: str, is_alive: Callable[[int], bool], *, actor: str
+) -> int:
+    """Re-queue running jobs of dead processes on this host without waiting for the lease."""
+    running = session.scalars(
+        select(Job).where(Job.state == JobState.RUNNING).with_for_update(skip_locked=True)
+    )
+    orphans = [
+        job for job in running if job.worker and owner_is_gone(job.worker, hostname, is_alive)
+    ]
+    for job in orphans:
+        _requeue_abandoned(session, job, f"worker {job.worker} is gone", actor, utcnow())
+    return len(orphans)
+
+
+def _requeue_abandoned(session: Session, job: Job, why: str, actor: str, now: datetime) -> None:
+    """Back to the queue while attempts remain; an image that keeps killing workers fails."""
+    if job.attempts >= job.max_attempts:
+        transition(
+            session,
+            job,
+            JobState.FAILED,
+            actor=actor,
+            error=f"{why}; gave up after {job.attempts} attempts",
+        )
+        return
+    transition(session, job, JobState.QUEUED, actor=actor, error=why)
+    job.available_at = now
+    session.flush()
 
 
 def fail(

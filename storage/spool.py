@@ -6,11 +6,14 @@ Layout under the spool root::
     objects/      content-addressed store: objects/ab/<sha256>.dcm (256 fan-out folders,
                   created up front so that storing never has to create and sync one)
     quarantine/   bytes we refused, with a JSON note saying why, for a human to inspect
+    outputs/      objects the node made (outputs/sr/<uid>.dcm, outputs/sc/<uid>.dcm),
+                  named by their deterministic SOP Instance UID, waiting to be sent
 
 A file is written to ``tmp/``, fsync'd, renamed into ``objects/`` and the directory is
 fsync'd, so after :meth:`Spool.store` returns the bytes survive a crash or power loss
 (with ``durable=True``). The name is the SHA-256 of the file, so storing identical bytes
-twice is naturally idempotent and a file can be verified with ``sha256sum``.
+twice is naturally idempotent and a file can be verified with ``sha256sum``. Outputs
+are written the same way; writing one again (a re-run job) atomically replaces it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -30,6 +34,7 @@ from typing import Any
 
 Chunk = bytes | bytearray | memoryview
 OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 PARALLEL_HASH_BYTES = 1 << 20  # below this, a thread hand-off costs more than it saves
 _HASHERS = ThreadPoolExecutor(
     max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="spool-hash"
@@ -61,6 +66,7 @@ class Spool:
         self.tmp_dir = root / "tmp"
         self.objects_dir = root / "objects"
         self.quarantine_dir = root / "quarantine"
+        self.outputs_dir = root / "outputs"
 
     def prepare(self) -> int:
         """Create the layout and delete leftovers of interrupted writes.
@@ -68,7 +74,7 @@ class Spool:
         Returns the number of stale temporary files removed. They are safe to delete:
         a temporary file is only ever renamed into place before the sender is answered.
         """
-        for directory in (self.tmp_dir, self.objects_dir, self.quarantine_dir):
+        for directory in (self.tmp_dir, self.objects_dir, self.quarantine_dir, self.outputs_dir):
             self._ensure_dir(directory)
         for prefix in range(256):
             self._ensure_dir(self.objects_dir / f"{prefix:02x}")
@@ -95,6 +101,37 @@ class Spool:
             tmp_path.unlink(missing_ok=True)
             raise
         return SpooledObject(relpath, final, digest, size, already_present)
+
+    def store_output(self, kind: str, name: str, chunks: Sequence[Chunk]) -> str:
+        """Durably write an output as ``outputs/<kind>/<name>.dcm``; returns its relpath.
+
+        The name is the object's SOP Instance UID: a re-run writes the same path, and the
+        rename replaces the earlier file atomically (never a half-written object to send).
+        """
+        if not _SAFE_NAME.fullmatch(kind) or not _SAFE_NAME.fullmatch(name):
+            raise ValueError(f"unsafe output name {kind!r}/{name!r}")
+        tmp_path, _, _ = self._write_temp(chunks)
+        relpath = f"outputs/{kind}/{name}.dcm"
+        final = self.root / relpath
+        try:
+            self._ensure_dir(final.parent)
+            os.replace(tmp_path, final)
+            self._fsync_dir(final.parent)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return relpath
+
+    def remove(self, relpath: str) -> bool:
+        """Delete a stored object or output (retention); False if it was already gone."""
+        path = self.path_of(relpath)
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise ValueError(f"{relpath!r} is outside the spool")
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def quarantine(self, chunks: Sequence[Chunk], note: Mapping[str, Any]) -> Path:
         """Keep refused bytes (and why they were refused) for later inspection."""

@@ -67,9 +67,9 @@ def received(uid: str = "1.2.3.4.5", sha: str = "a" * 64, **changes: object) -> 
 
 
 def test_migrations_reach_head_and_are_idempotent(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     upgrade(engine)  # second run is a no-op
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
 
 
 def test_models_match_migrations(engine: Engine) -> None:
@@ -97,7 +97,7 @@ def test_concurrent_upgrades_do_not_collide(database_url: str) -> None:
     for t in threads:
         t.join(timeout=120)
     assert errors == []
-    assert current_revision(engines[0]) == "0001"
+    assert current_revision(engines[0]) == "0002"
     for e in engines:
         e.dispose()
 
@@ -111,7 +111,7 @@ def test_cli_db_upgrade(database_url: str, tmp_path: Path) -> None:
     result = run([sys.executable, "-m", "dicom_node", "db", "upgrade"], env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     engine = make_engine(database_url)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
     engine.dispose()
 
 
@@ -383,3 +383,65 @@ def test_spool_write_failure_leaves_no_temp_file(
     monkeypatch.undo()
     assert list(spool.tmp_dir.iterdir()) == []
     assert list(spool.objects_dir.rglob("*.dcm")) == []
+
+
+def test_claim_batch_takes_priority_then_arrival(sessions: sessionmaker[Session]) -> None:
+    from storage.queue import claim_batch
+
+    ids = [
+        record_received(sessions, received(uid=f"1.2.8.{i}", sha=f"{i:064x}"), actor="t").job_id
+        for i in range(4)
+    ]
+    with session_scope(sessions) as s:
+        urgent = enqueue(s, _instance_id_of(s, "1.2.8.3"), actor="t", priority=5).id
+    with session_scope(sessions) as s:
+        batch = [job.id for job in claim_batch(s, "w", limit=3)]
+    assert batch == [urgent, ids[0], ids[1]]
+
+
+def _instance_id_of(session: Session, uid: str) -> int:
+    found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == uid))
+    assert found is not None
+    return found
+
+
+def test_running_job_of_an_expired_lease_is_requeued_then_failed(
+    sessions: sessionmaker[Session],
+) -> None:
+    from storage.queue import claim_batch
+
+    _instance_id(sessions)
+    for attempt in range(1, 4):
+        with session_scope(sessions) as s:
+            (job,) = claim_batch(s, "dead-worker", limit=1, lease=timedelta(seconds=-1))
+            assert job.attempts == attempt
+    with session_scope(sessions) as s:
+        assert claim_batch(s, "w", limit=1) == []  # the third expiry gives up on it
+        job = s.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED and "gave up after 3 attempts" in (job.last_error or "")
+
+
+def test_migrations_downgrade_and_upgrade_again(engine: Engine) -> None:
+    from storage.db import alembic_config
+
+    with engine.begin() as connection:
+        from alembic import command
+
+        command.downgrade(alembic_config(connection), "0001")
+    assert current_revision(engine) == "0001"
+    upgrade(engine)
+    assert current_revision(engine) == "0002"
+
+
+def test_spool_outputs_are_replaced_atomically_and_removable(spool: Spool) -> None:
+    relpath = spool.store_output("sr", "2.25.123", [b"first"])
+    assert relpath == "outputs/sr/2.25.123.dcm"
+    assert spool.store_output("sr", "2.25.123", [b"second"]) == relpath
+    assert spool.path_of(relpath).read_bytes() == b"second"
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert spool.remove(relpath) is True and spool.remove(relpath) is False
+    for bad in ("../x", "a/b"):
+        with pytest.raises(ValueError):
+            spool.store_output("sr", bad, [b""])
+    with pytest.raises(ValueError):
+        spool.remove("../../etc/passwd")
