@@ -338,3 +338,17 @@ def test_header_copy_keeps_identifiers_verbatim_even_when_invalid() -> None:
     header = source_header(source)
     assert header.PatientID == source.PatientID
     assert "PatientAge" not in header
+
+
+def test_source_variant_gives_a_changed_source_its_own_report_uid() -> None:
+    """A source re-sent with other content under its old UID must not share the SR UID."""
+    from tests.results_data import make_finding, make_result, read_source
+
+    source = read_source("nih-00000001_000-dx-sc.dcm")
+    result = make_result(source, [make_finding(True, "confirm")])
+    plain = measurement_report(source, result)
+    variant = measurement_report(source, result, source_variant="ab" * 32)
+    assert variant.SOPInstanceUID != plain.SOPInstanceUID
+    assert variant.SeriesInstanceUID == plain.SeriesInstanceUID
+    again = measurement_report(source, result, source_variant="ab" * 32)
+    assert again.SOPInstanceUID == variant.SOPInstanceUID

@@ -62,19 +62,21 @@ def heatmap_secondary_capture(
     series_number: int = SC_SERIES_NUMBER,
     series_description: str = SC_SERIES_DESCRIPTION,
     content_datetime: datetime.datetime | None = None,
+    source_variant: str | None = None,
 ) -> SCImage:
     """The overlay of ``result`` as an SC image in the study of ``source``.
 
     Patient and study attributes are copied from the source (Type 2 ones empty when
     unknown); series and instance UIDs are derived from the source and the models
     (:mod:`dicom_node.results.uids`). ``modality`` overrides the copied Modality for a PACS
-    that wants ``OT``. Raises ``ValueError`` when the result has no overlay, no finding
-    to attribute it to, or belongs to another image.
+    that wants ``OT``; ``source_variant`` as for the SR (:mod:`dicom_node.results.uids`).
+    Raises ``ValueError`` when the result has no overlay, no finding to attribute it to,
+    or belongs to another image.
     """
     overlay = _check_overlay(source, result)
     equipment = equipment or Equipment()
     header = source_header(source)
-    uids = result_uids(header, "sc", model_identities(result.findings))
+    uids = result_uids(header, "sc", model_identities(result.findings), source_variant)
     moment = content_datetime or datetime.datetime.now()
     sc = SCImage(
         pixel_array=overlay,

@@ -109,6 +109,7 @@ def measurement_report(
     series_number: int = SR_SERIES_NUMBER,
     series_description: str = SR_SERIES_DESCRIPTION,
     content_datetime: datetime.datetime | None = None,
+    source_variant: str | None = None,
 ) -> Comprehensive3DSR:
     """The TID 1500 Measurement Report of ``result`` for the radiograph ``source``.
 
@@ -118,13 +119,15 @@ def measurement_report(
     from the same inputs yields the same object identity.
 
     ``priority`` (``"routine"``, ``"urgent"`` or ``"stat"``) adds a study-level
-    qualitative evaluation. Raises ``ValueError`` for a result that was not scored, has
-    no findings, or belongs to another image.
+    qualitative evaluation. ``source_variant`` gives a changed source re-sent under its old
+    SOP Instance UID outputs of its own (:func:`~dicom_node.results.uids.result_uids`).
+    Raises ``ValueError`` for a result that was not scored, has no findings, or belongs
+    to another image.
     """
     _check_result(source, result)
     equipment = equipment or Equipment()
     header = source_header(source)
-    uids = result_uids(header, "sr", model_identities(result.findings))
+    uids = result_uids(header, "sr", model_identities(result.findings), source_variant)
     report = MeasurementReport(
         observation_context=_observation_context(equipment),
         procedure_reported=CHEST_RADIOGRAPH,

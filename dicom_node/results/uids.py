@@ -64,17 +64,24 @@ class ResultUIDs:
     sop_instance_uid: UID
 
 
-def result_uids(source: Dataset, kind: OutputKind, models: Sequence[str]) -> ResultUIDs:
+def result_uids(
+    source: Dataset, kind: OutputKind, models: Sequence[str], source_variant: str | None = None
+) -> ResultUIDs:
     """UIDs of the ``kind`` output for ``source``, produced by ``models``.
 
     The instance UID derives from the source SOP Instance UID. The series UID derives from
     the source *series*, so the results for the images of one acquisition series (a PA and
     a lateral, say) share one result series instead of scattering into one series per image.
+
+    ``source_variant`` distinguishes sources that share a SOP Instance UID but not their
+    content (a modality re-sending a changed image under the old UID): each gets its own
+    output instance UIDs, since one UID must never name two different reports.
     """
     if not models:
         raise ValueError("output UIDs need at least one model identity")
+    extra = (f"variant:{source_variant}",) if source_variant else ()
     series = derived_uid("series", str(source.SeriesInstanceUID), kind, *models)
-    instance = derived_uid("instance", str(source.SOPInstanceUID), kind, *models)
+    instance = derived_uid("instance", str(source.SOPInstanceUID), kind, *models, *extra)
     return ResultUIDs(series, instance)
 
 
