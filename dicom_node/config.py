@@ -13,6 +13,12 @@ Sources, strongest first:
 Unknown keys are errors, not silently ignored: a misspelt ``allowed_calling_aets`` must
 not leave a node open to everyone. Adding a section later (e.g. ``[inference]``) is
 adding one model and one field on :class:`Settings`.
+
+Besides sections, the file holds two arrays of tables: ``[[destinations]]``
+(:class:`~dicom_node.dispatch.base.Destination`) and ``[[rules]]``
+(:class:`~dicom_node.rules.Rule`). They refer to each other by name, which is checked
+here, so a rule sending to a misspelt destination stops the node at start-up (exit 2,
+naming ``rules.<n>.destinations``) instead of silently sending nowhere.
 """
 
 from __future__ import annotations
@@ -27,7 +33,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -36,6 +50,9 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from dicom_node.dispatch import Destination
+from dicom_node.rules import ALL_DESTINATIONS, Rule, RuleSet
 
 ENV_PREFIX = "DICOM_NODE_"
 CONFIG_ENV = "DICOM_NODE_CONFIG"
@@ -241,6 +258,48 @@ class InferenceSettings(_Section):
         return kwargs
 
 
+class WorkerSettings(_Section):
+    """``[worker]``: the threads that analyse queued images in ``serve``."""
+
+    threads: int = Field(
+        1, ge=0, le=32, description="Worker threads in this process; 0 = receive only."
+    )
+    batch_size: int = Field(
+        8, ge=1, le=256, description="Most jobs one worker claims and analyses together."
+    )
+    poll_interval: float = Field(
+        2.0, gt=0, description="Seconds between queue polls when not woken (multi-process)."
+    )
+    job_lease: float = Field(
+        600.0, gt=0, description="Seconds after which a running job is presumed abandoned."
+    )
+
+
+class SenderSettings(_Section):
+    """``[sender]``: delivery of results from the outbox to the destinations."""
+
+    poll_interval: float = Field(2.0, gt=0, description="Seconds between outbox polls.")
+    batch_size: int = Field(64, ge=1, le=1000, description="Most sends claimed at once.")
+    backoff_base: float = Field(5.0, gt=0, description="First retry within this many s.")
+    backoff_cap: float = Field(600.0, gt=0, description="Longest wait between retries, s.")
+    max_age: float = Field(
+        86_400.0, gt=0, description="Seconds after which a failing send is dead-lettered."
+    )
+    lease: float = Field(
+        300.0, gt=0, description="Seconds after which an unfinished send is tried again."
+    )
+
+
+class RetentionSettings(_Section):
+    """``[retention]``: removal of delivered images and outputs from the spool."""
+
+    enabled: bool = Field(True, description="Run the retention sweep in serve.")
+    keep_days: float = Field(
+        7.0, ge=0, description="Days to keep delivered instances and outputs (0 = at once)."
+    )
+    interval: float = Field(3600.0, gt=0, description="Seconds between retention sweeps.")
+
+
 class LoggingSettings(_Section):
     """``[logging]``: structured logs on stderr and in ``<home>/logs/node.log``."""
 
@@ -268,7 +327,56 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     http: HttpSettings = Field(default_factory=lambda: HttpSettings())
     inference: InferenceSettings = Field(default_factory=lambda: InferenceSettings())
+    worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
+    sender: SenderSettings = Field(default_factory=lambda: SenderSettings())
+    retention: RetentionSettings = Field(default_factory=lambda: RetentionSettings())
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
+    destinations: list[Destination] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, value: list[Destination]) -> list[Destination]:
+        seen: set[str] = set()
+        for index, destination in enumerate(value):
+            if destination.name in seen:
+                raise _keyed_error(
+                    f"destinations.{index}.name", f"destination {destination.name!r} is used twice"
+                )
+            seen.add(destination.name)
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _check_rules(cls, value: list[Rule], info: ValidationInfo) -> list[Rule]:
+        """Unique rule names; every destination a rule names must be configured."""
+        configured = [d.name for d in info.data.get("destinations") or []]
+        seen: set[str] = set()
+        for index, rule in enumerate(value):
+            if rule.name in seen:
+                raise _keyed_error(f"rules.{index}.name", f"rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
+            unknown = [
+                n for n in rule.destinations if n != ALL_DESTINATIONS and n not in configured
+            ]
+            if unknown:
+                known = ", ".join(configured) or "none"
+                raise _keyed_error(
+                    f"rules.{index}.destinations",
+                    f"rule {rule.name!r} names unknown destination {unknown[0]!r} "
+                    f"(configured: {known})",
+                )
+        return value
+
+    @property
+    def rule_set(self) -> RuleSet:
+        """The routing rules with the configured destination names (default rule if none)."""
+        return RuleSet(
+            destinations=tuple(d.name for d in self.destinations), rules=tuple(self.rules)
+        )
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
 
     @classmethod
     def settings_customise_sources(
@@ -309,6 +417,12 @@ class _TomlSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return _TOML_DATA.get()
+
+
+def _keyed_error(key: str, reason: str) -> PydanticCustomError:
+    """A validation error that names its precise key (a field validator's location is
+    only the field), picked up by :func:`describe_error`."""
+    return PydanticCustomError("invalid_reference", "{reason}", {"key": key, "reason": reason})
 
 
 def config_path_from_env() -> Path | None:
@@ -355,11 +469,12 @@ def describe_error(exc: ValidationError, path: Path | None) -> str:
     errors = exc.errors()
     first = errors[0]
     loc = tuple(str(part) for part in first["loc"])
-    key = ".".join(loc) or "<root>"
+    key = str((first.get("ctx") or {}).get("key") or ".".join(loc) or "<root>")
     reason = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
     reason = reason.removeprefix("Value error, ")
     value = first.get("input")
-    shown = "" if isinstance(value, dict) or first["type"] == "missing" else f" (got {value!r})"
+    quiet = isinstance(value, dict) or first["type"] in ("missing", "invalid_reference")
+    shown = "" if quiet else f" (got {value!r})"
     more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
     line = f"{key}: {reason}{shown}, from {_source_of(loc, path)}{more}"
     return " ".join(line.split())
@@ -380,18 +495,32 @@ def _source_of(loc: tuple[str, ...], path: Path | None) -> str:
 
 
 def to_toml(settings: Settings) -> str:
-    """Render the effective settings as TOML (database password hidden)."""
-    data = settings.model_dump(mode="json")
+    """Render the effective settings as TOML (database password hidden).
+
+    Sections become ``[section]`` tables, destinations and rules ``[[…]]`` arrays of
+    tables (rule conditions as inline tables); the output reads back as the same settings.
+    """
+    data = settings.model_dump(mode="json", by_alias=True, exclude_none=True)
     data["storage"]["database_url"] = _redacted_url(settings.storage.effective_database_url)
     data["storage"]["spool_dir"] = str(settings.storage.spool_root)
     lines: list[str] = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines.extend(
-            f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None
-        )
-        lines.append("")
+    for name, values in data.items():
+        if isinstance(values, dict):
+            lines.extend([f"[{name}]", *_toml_pairs(values), ""])
+        elif values:
+            for item in values:
+                lines.extend([f"[[{name}]]", *_toml_pairs(item), ""])
+        else:
+            lines.extend([f"# [[{name}]]: none configured", ""])
     return "\n".join(lines)
+
+
+def _toml_pairs(values: dict[str, Any]) -> list[str]:
+    return [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items()]
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
 def _redacted_url(url: str) -> str:
@@ -405,4 +534,6 @@ def _toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(_toml_pairs(value)) + " }" if value else "{}"
     return json.dumps(str(value))

@@ -173,3 +173,109 @@ def test_cli_exits_2_with_one_line_for_invalid_config(tmp_path: Path, command: l
     assert "node.port" in lines[0] and str(config) in lines[0]
     assert result.stdout == ""
     assert not (tmp_path / "var").exists(), "nothing may be created on a bad config"
+
+
+ROUTING = """
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "10.0.0.5"
+port = 104
+
+[[destinations]]
+name = "research"
+ae_title = "RESEARCH"
+host = "10.0.0.6"
+port = 11112
+calling_ae_title = "CXR_AI_OUT"
+
+[[rules]]
+name = "research-scanner"
+pipeline = "ignore"
+[rules.match]
+calling_aet = ["RESEARCH_CR"]
+
+[[rules]]
+name = "adult-chest"
+pipeline = "cxr-cascade"
+destinations = ["pacs"]
+[rules.match]
+all = [ { attribute = "Modality", in = ["CR", "DX"] },
+        { not = { attribute = "PatientAge", range = { max = 17 } } },
+        { any = [ { attribute = "BodyPartExamined", equals = "CHEST" },
+                  { attribute = "BodyPartExamined", absent = true } ] } ]
+"""
+
+
+def test_destinations_rules_and_pipeline_sections(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "node.toml",
+        ROUTING
+        + """
+[worker]
+threads = 2
+batch_size = 4
+[sender]
+backoff_base = 1.5
+max_age = 3600
+[retention]
+keep_days = 0
+""",
+    )
+    settings = load_settings(config)
+    assert [d.name for d in settings.destinations] == ["pacs", "research"]
+    assert settings.destination("research").calling_ae_title == "CXR_AI_OUT"  # type: ignore[union-attr]
+    rules = settings.rule_set
+    assert [r.name for r in rules.effective_rules] == ["research-scanner", "adult-chest"]
+    assert rules.rules[0].pipeline == "none" and rules.destinations == ("pacs", "research")
+    assert (settings.worker.threads, settings.worker.batch_size) == (2, 4)
+    assert (settings.sender.backoff_base, settings.sender.max_age) == (1.5, 3600)
+    assert settings.retention.keep_days == 0
+
+
+def test_no_rules_means_the_built_in_default(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path / "node.toml", ""))
+    assert [r.name for r in settings.rule_set.effective_rules] == ["default-chest-cr-dx"]
+    assert settings.destinations == [] and settings.worker.threads == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        (ROUTING.replace('destinations = ["pacs"]', 'destinations = ["pacs", "archiv"]'),
+         "rules.1.destinations", "unknown destination 'archiv' (configured: pacs, research)"),
+        (ROUTING.replace('name = "research"\n', 'name = "pacs"\n'),
+         "destinations.1.name", "'pacs' is used twice"),
+        (ROUTING.replace('name = "adult-chest"', 'name = "research-scanner"'),
+         "rules.1.name", "'research-scanner' is used twice"),
+        (ROUTING.replace('equals = "CHEST"', 'equal = "CHEST"'), "rules.1.match", ""),
+        (ROUTING.replace("port = 104", "port = 0"), "destinations.0.port", "greater than"),
+        ("[worker]\nthreads = -1\n", "worker.threads", "greater than or equal to 0"),
+    ],
+)
+def test_routing_errors_name_the_key(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    config = write(tmp_path / "node.toml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert message.startswith(key) and reason in message and str(config) in message
+    assert "\n" not in message
+
+
+def test_unknown_destination_in_a_rule_exits_2(tmp_path: Path) -> None:
+    text = ROUTING.replace('destinations = ["pacs"]', 'destinations = ["archiv"]')
+    config = write(tmp_path / "node.toml", text)
+    result = run([sys.executable, "-m", "dicom_node", "config", "check", "--config", str(config)],
+                 cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "rules.1.destinations" in line and "'archiv'" in line
+
+
+def test_config_show_renders_routing_that_reads_back_the_same(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path / "node.toml", ROUTING))
+    rendered = write(tmp_path / "shown.toml", to_toml(settings))
+    again = load_settings(rendered)
+    assert again.destinations == settings.destinations
+    assert again.rules == settings.rules
+    assert "[[rules]]" in rendered.read_text() and "[[destinations]]" in rendered.read_text()
