@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -109,11 +109,15 @@ class StoreService:
         *,
         min_free_bytes: int,
         actor: str = "listener",
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
         self.min_free_bytes = min_free_bytes
         self.actor = actor
+        # Wakes an in-process worker as soon as a job is committed: without it, a job
+        # would wait for the worker's next poll, which is pure added latency.
+        self.on_queued = on_queued
 
     def store(self, incoming: IncomingInstance) -> StoreResult:
         """Run the receive pipeline; never raises (an exception becomes a failure status)."""
@@ -194,6 +198,8 @@ class StoreService:
                 **incoming.log_fields(),
             )
             return StoreResult(StoreStatus.DATABASE_UNAVAILABLE, "database unavailable")
+        if result.job_id is not None and self.on_queued is not None:
+            self.on_queued()
         if result.disposition is Disposition.NEW_VERSION:
             log.warning(
                 "instance re-sent with different content; kept as a new version",

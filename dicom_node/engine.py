@@ -1,0 +1,122 @@
+"""The inference engine as the worker sees it: load once, name it, warm it up.
+
+The worker needs three things from :mod:`inference`: results for a batch of data sets,
+a stable *identity* of the models in force (the key of the ``results`` row, so a re-run
+updates rather than duplicates), and a first call that is not slow. :class:`Engine` is
+that contract; :class:`CascadeEngine` fulfils it with the screen → confirm cascade, and
+tests may substitute their own.
+
+One engine per worker thread: torch modules with Grad-CAM hooks keep per-call state
+and are not safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_node.config import InferenceSettings
+from dicom_node.logs import get_logger
+from dicom_node.outputs import build_outputs
+from dicom_node.results import Equipment
+from inference.bundle import Bundle, Label
+from inference.cascade import SCORED, Cascade, Finding, ImageResult
+
+log = get_logger(__name__)
+MODEL_KEY_LENGTH = 255
+_WARM_UP_SIDE = 512
+_WARM_UP_LABEL = Label("warm-up", "WARMUP", "99CXRAI", "Warm-up")  # never leaves the process
+
+
+class Engine(Protocol):
+    """What the worker pipeline needs from the engine."""
+
+    identity: str
+
+    def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
+        """One result per data set, in order; never raises for a bad image."""
+        ...
+
+
+def bundle_identity(bundle: Bundle) -> str:
+    """Name, version, weights digest and thresholds: everything that decides a result."""
+    thresholds = ",".join(
+        f"{name}={value:.6g}" for name, value in sorted(bundle.thresholds.items())
+    )
+    return f"{bundle.name}@{bundle.version}#{bundle.sha256[:12]}[{thresholds}]"
+
+
+class CascadeEngine:
+    """The screen → confirm cascade behind the :class:`Engine` contract."""
+
+    def __init__(self, cascade: Cascade) -> None:
+        self.cascade = cascade
+        identity = f"{bundle_identity(cascade.screen)}+{bundle_identity(cascade.confirm)}"
+        self.identity = identity[:MODEL_KEY_LENGTH]
+
+    def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
+        return self.cascade.analyze(datasets)
+
+
+def load_engine(settings: InferenceSettings) -> CascadeEngine:
+    """Load and verify the bundles (raises ``inference.bundle.BundleError``)."""
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    return CascadeEngine(Cascade.load(**settings.cascade_kwargs()))
+
+
+def warm_up(engine: Engine, equipment: Equipment) -> None:
+    """Run every step once on a synthetic radiograph, so the first real image is not slow.
+
+    The first forward pass allocates, and highdicom loads its code dictionaries on first
+    use (about a second): without this the first patient's image pays for both.
+    Best effort — a failure is logged and ignored; the real images will show any problem.
+    """
+    source = synthetic_radiograph()
+    try:
+        engine.analyze([source])
+        result = ImageResult(
+            str(source.SOPInstanceUID),
+            SCORED,
+            findings=[Finding(_WARM_UP_LABEL, 0.5, False, "screen", 0.5, "warm-up", "0")],
+            overlay=np.zeros((64, 64, 3), dtype=np.uint8),
+        )
+        build_outputs(
+            source,
+            result,
+            equipment=equipment,
+            content_datetime=datetime.datetime.now(),
+            source_variant=None,
+        )
+    except Exception as exc:  # best effort by design
+        log.warning("engine warm-up failed", error_type=type(exc).__name__, error=str(exc)[:200])
+
+
+
+def synthetic_radiograph(side: int = _WARM_UP_SIDE) -> Dataset:
+    """A DX chest PA of smooth noise: enough header and pixels for every step to run."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    ds.PatientName, ds.PatientID = "WARMUP^SYNTHETIC", "WARMUP"
+    ds.PatientOrientation = ["P", "F"]
+    ds.ImagerPixelSpacing = [0.5, 0.5]
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((side, side)) * 4095).astype(np.uint16)
+    ds.PixelData = pixels.tobytes()
+    return ds

@@ -1,0 +1,181 @@
+"""Workers: threads of ``serve`` that take queued jobs and run them through the pipeline.
+
+Each worker thread loads its own engine (torch modules with Grad-CAM hooks are not
+thread-safe), warms it up, then loops: claim up to ``batch_size`` jobs — most urgent
+first, then in arrival order — and hand them to :class:`~dicom_node.pipeline.Pipeline`;
+when the queue is empty, sleep until the listener signals a new job
+(:class:`~dicom_node.wakeup.Wakeup`) or ``poll_interval`` passes. A burst that arrives
+while a batch runs is therefore claimed as the next batch, and a lone image starts the
+moment its job is committed.
+
+Claims are leases (``job_lease``): a worker that dies mid-job leaves its job to be taken
+again when the lease expires, or right at the next start on this host
+(:func:`storage.queue.recover_orphans`). Inference never runs on the listener's threads.
+If the engine cannot be loaded (missing or corrupt bundle) the node keeps receiving; the
+jobs wait in the queue and the worker tries to load again every minute.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Settings
+from dicom_node.engine import Engine, load_engine, warm_up
+from dicom_node.logs import get_logger
+from dicom_node.pipeline import ClaimedJob, Pipeline, PipelineContext
+from dicom_node.processes import owner_id, process_alive
+from dicom_node.results import Equipment
+from dicom_node.wakeup import Wakeup
+from storage import queue
+from storage.db import session_scope
+from storage.models import Instance
+from storage.spool import Spool
+
+log = get_logger(__name__)
+ENGINE_RETRY_S = 60.0
+STOP_TIMEOUT_S = 120.0
+JOB_KINDS = ("analyze",)
+
+EngineFactory = Callable[[], Engine]
+
+
+def claim_jobs(
+    sessions: sessionmaker[Session], worker_id: str, *, limit: int, lease: timedelta
+) -> list[ClaimedJob]:
+    """Claim up to ``limit`` jobs and read what the pipeline needs of their instances."""
+    with session_scope(sessions) as session:
+        jobs = queue.claim_batch(session, worker_id, limit=limit, kinds=JOB_KINDS, lease=lease)
+        claimed = []
+        for job in jobs:
+            instance = session.get(Instance, job.instance_id)
+            assert instance is not None  # foreign key
+            claimed.append(
+                ClaimedJob(
+                    job_id=job.id,
+                    instance_id=instance.id,
+                    sop_instance_uid=instance.sop_instance_uid,
+                    version=instance.version,
+                    sha256=instance.sha256,
+                    spool_path=instance.spool_path,
+                    calling_ae=instance.calling_ae,
+                    called_ae=instance.called_ae,
+                    created_at=job.created_at,
+                )
+            )
+        return claimed
+
+
+class Worker:
+    """The worker threads of one node process (a :class:`~dicom_node.node.Service`)."""
+
+    name = "worker"
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        *,
+        jobs_wakeup: Wakeup,
+        sends_wakeup: Wakeup | None = None,
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.jobs_wakeup = jobs_wakeup
+        self.engine_factory = engine_factory or (lambda: load_engine(settings.inference))
+        self.context = PipelineContext(
+            sessions=sessions,
+            spool=spool,
+            rules=settings.rule_set,
+            equipment=Equipment(station_name=settings.node.ae_title),
+            sends_wakeup=sends_wakeup,
+        )
+        self.ready = threading.Event()  # set once a thread has its engine
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._recover_orphans()
+        for index in range(self.settings.worker.threads):
+            thread = threading.Thread(
+                target=self._run,
+                args=(f"worker-{index + 1}",),
+                name=f"worker-{index + 1}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        log.info("workers started", threads=len(self._threads))
+
+    def stop(self) -> None:
+        """Finish the batches in progress, then return (unfinished ones fall to the lease)."""
+        self._stop.set()
+        self.jobs_wakeup.interrupt()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        log.info("workers stopped", unfinished=sum(t.is_alive() for t in self._threads))
+
+    def _recover_orphans(self) -> None:
+        with session_scope(self.sessions) as session:
+            recovered = queue.recover_orphans(
+                session, socket.gethostname(), process_alive, actor=owner_id("worker")
+            )
+        if recovered:
+            log.warning("re-queued jobs of a worker that died", jobs=recovered)
+
+    def _run(self, name: str) -> None:
+        worker_id = owner_id(name)
+        engine = self._load_engine(worker_id)
+        if engine is None:
+            return
+        pipeline = Pipeline(self.context, engine, worker_id)
+        self.ready.set()
+        settings = self.settings.worker
+        lease = timedelta(seconds=settings.job_lease)
+        while not self._stop.is_set():
+            seen = self.jobs_wakeup.mark()
+            try:
+                jobs = claim_jobs(self.sessions, worker_id, limit=settings.batch_size, lease=lease)
+            except SQLAlchemyError as exc:
+                log.warning("cannot claim jobs", worker=name, error=str(exc)[:200])
+                self._stop.wait(settings.poll_interval)
+                continue
+            if jobs:
+                pipeline.run(jobs)
+            else:
+                self.jobs_wakeup.wait(seen, settings.poll_interval)
+
+    def _load_engine(self, worker_id: str) -> Engine | None:
+        """Load (and warm up) the engine, retrying until it works or the node stops."""
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                engine = self.engine_factory()
+            except Exception as exc:
+                log.error(
+                    "engine cannot be loaded; jobs stay queued",
+                    worker=worker_id,
+                    error_type=type(exc).__name__,
+                    error=str(exc)[:300],
+                    retry_in_s=ENGINE_RETRY_S,
+                )
+                self._stop.wait(ENGINE_RETRY_S)
+                continue
+            warm_up(engine, self.context.equipment)
+            log.info(
+                "worker ready",
+                worker=worker_id,
+                models=engine.identity,
+                load_ms=round((time.perf_counter() - started) * 1000),
+            )
+            return engine
+        return None
