@@ -1,9 +1,10 @@
 """``dicom-node``: the command line (Typer + Rich).
 
 Commands are grouped the way operators think about them: ``serve`` runs the node,
-``status`` looks at it, ``db …`` and ``config …`` manage what it runs on. New commands
-(``analyze``, ``worker``…) are added with ``@app.command()`` or a sub-app like ``db``;
-every command takes ``--config`` and loads settings through :func:`load_or_exit`.
+``status`` looks at it, ``db …`` and ``config …`` manage what it runs on, ``rules test``
+explains routing, ``sends …`` shows and re-queues the outbox, ``analyze`` runs the engine
+offline. New commands are added with ``@app.command()`` or a sub-app like ``db``; every
+command takes ``--config`` and loads settings through :func:`load_or_exit`.
 
 Conventions: exit code 2 is "your configuration (or command line) is wrong", with one
 line on stderr saying which key and why; machine-readable output (``--json``) goes to
@@ -12,12 +13,14 @@ stdout and nothing else does; logs go to stderr.
 
 from __future__ import annotations
 
+import getpass
 import json
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -27,6 +30,10 @@ from dicom_node import __version__
 from dicom_node.config import ConfigError, LoggingSettings, Settings, load_settings, to_toml
 from dicom_node.logs import configure_logging, get_logger
 
+if TYPE_CHECKING:
+    from storage.models import Send
+
+T = TypeVar("T")
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 
@@ -39,9 +46,15 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
+sends_app = typer.Typer(help="The outbox: results waiting for, or given up on, delivery.",
+                        no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+app.add_typer(rules_app, name="rules")
+app.add_typer(sends_app, name="sends")
 
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON on stdout (logs on stderr).")]
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
@@ -79,15 +92,21 @@ def main(
 
 
 @app.command()
-def serve(config: ConfigOption = None) -> None:
-    """Run the node: DICOM listener (and later workers, sender, API) in one process."""
+def serve(
+    config: ConfigOption = None,
+    no_workers: Annotated[
+        bool,
+        typer.Option("--no-workers", help="Receive and send only; analyse nothing here."),
+    ] = False,
+) -> None:
+    """Run the node: listener, workers, sender and retention in one process."""
     settings = load_or_exit(config)
     configure_logging(settings.logging, settings.storage.log_dir)
     from dicom_node.node import Node, NodeStartError
 
     stop = threading.Event()
     _install_stop_signals(stop)
-    node = Node(settings)
+    node = Node(settings, workers=not no_workers)
     try:
         node.start()
     except NodeStartError as exc:
@@ -146,6 +165,13 @@ def _print_status(report: dict[str, Any]) -> None:
         table.add_row(
             "instances", f"{instances['last_hour']} in the last hour, {instances['total']} in total"
         )
+        table.add_row("results", ", ".join(f"{k} {v}" for k, v in report["results"].items()))
+        for name, states in report["sends"].items():
+            counts = ", ".join(f"{state} {count}" for state, count in states.items())
+            table.add_row(f"sends → {name}", counts)
+        dead = report["dead_letters"]
+        table.add_row("dead letters", f"[red]{dead}[/red] (dicom-node sends retry --dead)"
+                      if dead else "0")
     free_gib = spool["free_bytes"] / 1024**3
     table.add_row("spool", f"{spool['path']} — {free_gib:.1f} GiB free ({spool['free_percent']} %)")
     Console().print(table)
@@ -214,6 +240,154 @@ def _analysis_line(record: dict[str, Any]) -> str:
     ]
     warnings = f" [yellow]({'; '.join(record['warnings'])})[/yellow]" if record["warnings"] else ""
     return f"[bold]{name}[/bold]: " + ", ".join(parts) + warnings
+
+
+@rules_app.command("test")
+def rules_test(
+    files: Annotated[list[Path], typer.Argument(help="DICOM files.", exists=True, dir_okay=False)],
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    calling_aet: Annotated[
+        str | None, typer.Option("--calling-aet", help="Pretend it came from this AE title.")
+    ] = None,
+    called_aet: Annotated[
+        str | None, typer.Option("--called-aet", help="Pretend it was sent to this AE title.")
+    ] = None,
+) -> None:
+    """Which rule routes each file, and why the rules before it did not match."""
+    settings = load_or_exit(config)
+    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    from dicom_node.rules import rules_test_report
+
+    report = rules_test_report(files, settings.rule_set, calling_aet=calling_aet,
+                               called_aet=called_aet)
+    if json_output:
+        typer.echo(json.dumps(report))
+        return
+    console = Console()
+    for entry in report:
+        _print_route(console, entry)
+
+
+def _print_route(console: Console, entry: dict[str, Any]) -> None:
+    name = Path(entry["file"]).name
+    if entry["error"]:
+        console.print(f"[bold]{name}[/bold]: [red]{entry['error']}[/red]")
+        return
+    target = ", ".join(entry["destinations"]) or "no destination"
+    headline = (f"rule [bold]{entry['rule']}[/bold] → {entry['pipeline']} → {target}"
+                if entry["rule"] else "[yellow]no rule matched[/yellow]: stored, not analysed")
+    default = " (built-in default rule)" if entry["default_rule"] else ""
+    console.print(f"[bold]{name}[/bold]: {headline}{default}", highlight=False)
+    for trace in entry["trace"]:
+        mark = "[green]✓[/green]" if trace["matched"] else "[red]✗[/red]"
+        console.print(f"  {mark} {trace['rule']}: {trace['reason']}", highlight=False)
+
+
+@sends_app.command("list")
+def sends_list(
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    state: Annotated[
+        str | None, typer.Option("--state", help="pending, sending, sent or dead.")
+    ] = None,
+    destination: Annotated[str | None, typer.Option("--destination", help="Only this one.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Most rows shown.")] = 100,
+) -> None:
+    """Outbox entries, most recently changed first."""
+    settings = load_or_exit(config)
+    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    from storage.models import SendState
+
+    try:
+        wanted = SendState(state) if state else None
+    except ValueError:
+        typer.echo(f"dicom-node: --state must be one of {', '.join(SendState)}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    from storage.outbox import list_sends
+
+    rows = _with_database(
+        settings,
+        lambda s: [
+            _send_row(send)
+            for send in list_sends(s, state=wanted, destination=destination, limit=limit)
+        ],
+    )
+    if json_output:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    table = Table("id", "destination", "kind", "state", "attempts", "next attempt / sent",
+                  "SOP Instance UID", "last error")
+    for row in rows:
+        when = row["sent_at"] if row["state"] == "sent" else row["next_attempt_at"]
+        table.add_row(str(row["id"]), row["destination"], row["kind"], row["state"],
+                      str(row["attempts"]), _shown(when), row["sop_instance_uid"],
+                      (row["last_error"] or "")[:60])
+    Console().print(table)
+
+
+@sends_app.command("retry")
+def sends_retry(
+    ids: Annotated[list[int] | None, typer.Argument(help="Ids of dead sends.")] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    dead: Annotated[bool, typer.Option("--dead", help="Re-queue every dead send.")] = False,
+) -> None:
+    """Re-queue dead-lettered sends (with a fresh maximum age)."""
+    if bool(ids) == dead:
+        typer.echo("dicom-node: give send ids or --dead (not both)", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    settings = load_or_exit(config)
+    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    from storage.outbox import retry_dead
+
+    requeued = _with_database(
+        settings, lambda s: retry_dead(s, None if dead else ids, actor=f"cli:{getpass.getuser()}")
+    )
+    not_dead = sorted(set(ids or []) - set(requeued))
+    if json_output:
+        typer.echo(json.dumps({"requeued": requeued, "not_dead": not_dead}))
+    else:
+        typer.echo(f"re-queued {len(requeued)} send(s)"
+                   + (f"; not dead (left alone): {not_dead}" if not_dead else ""))
+    if not_dead:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _send_row(send: Send) -> dict[str, Any]:
+    return {
+        "id": send.id,
+        "destination": send.destination,
+        "kind": send.kind,
+        "state": send.state.value,
+        "attempts": send.attempts,
+        "sop_instance_uid": send.sop_instance_uid,
+        "study_instance_uid": send.study_instance_uid,
+        "first_enqueued_at": send.first_enqueued_at.isoformat(),
+        "next_attempt_at": send.next_attempt_at.isoformat(),
+        "last_attempt_at": send.last_attempt_at.isoformat() if send.last_attempt_at else None,
+        "sent_at": send.sent_at.isoformat() if send.sent_at else None,
+        "last_error": send.last_error,
+    }
+
+
+def _with_database(settings: Settings, action: Callable[[Any], T]) -> T:
+    """Run ``action(session)`` on the node's (already migrated) database, or exit 1."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage.db import make_engine, make_session_factory, redact_url, session_scope
+
+    url = settings.storage.effective_database_url
+    engine = make_engine(url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            return action(session)
+    except SQLAlchemyError as exc:
+        message = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        typer.echo(f"dicom-node: database {redact_url(url)}: {message}", err=True)
+        raise typer.Exit(EXIT_FAILURE) from None
+    finally:
+        engine.dispose()
 
 
 @db_app.command("upgrade")

@@ -1,8 +1,11 @@
 """The ``serve`` runtime: one process that owns the database, the spool and the services.
 
-Today the services are the DICOM listener and the heartbeat; later the workers, the
-sender and the HTTP API join the same list and the same start/stop discipline:
-start in order, stop in reverse order, never leave a half-started node running.
+The services, in start order: the sender (outbox → destinations), the workers (queue →
+engine → results → outbox), the retention sweep, the DICOM listener (C-STORE → spool →
+queue) and the heartbeat. They start in order and stop in reverse order — the listener
+stops accepting first, then the workers finish their batches, then the sender its
+association — and a node never stays half-started. In-process wake-ups connect them: a
+committed job wakes the workers, committed sends wake the sender.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from dicom_node.config import Settings
 from dicom_node.listener import Listener
 from dicom_node.logs import get_logger
 from dicom_node.receive import StoreService
+from dicom_node.retention import Retention
+from dicom_node.sender import Sender
+from dicom_node.wakeup import Wakeup
+from dicom_node.worker import EngineFactory, Worker
 from storage import heartbeat
 from storage.db import (
     backend_name,
@@ -89,19 +96,47 @@ class Heartbeat:
 class Node:
     """Database, spool and services of one ``dicom-node serve`` process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        workers: bool = True,
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
         self.settings = settings
+        self.run_workers = workers and settings.worker.threads > 0
+        self.engine_factory = engine_factory
         self.engine: Engine | None = None
         self.services: list[Service] = []
+        self.jobs_wakeup = Wakeup()
+        self.sends_wakeup = Wakeup()
+        self.worker: Worker | None = None
+        self.listener: Listener | None = None
 
     def start(self) -> None:
         """Migrate, prepare the spool, then start every service (or none)."""
         sessions = self._open_database()
         spool = self._open_spool()
+        self._start_service(Sender(self.settings, sessions, spool, wakeup=self.sends_wakeup))
+        if self.run_workers:
+            self.worker = Worker(
+                self.settings,
+                sessions,
+                spool,
+                jobs_wakeup=self.jobs_wakeup,
+                sends_wakeup=self.sends_wakeup,
+                engine_factory=self.engine_factory,
+            )
+            self._start_service(self.worker)
+        if self.settings.retention.enabled:
+            self._start_service(Retention(self.settings.retention, sessions, spool))
         store = StoreService(
-            spool, sessions, min_free_bytes=self.settings.storage.min_free_mb * 1024 * 1024
+            spool,
+            sessions,
+            min_free_bytes=self.settings.storage.min_free_mb * 1024 * 1024,
+            on_queued=self.jobs_wakeup.notify if self.run_workers else None,
         )
-        listener = Listener(self.settings.node, store)
+        listener = self.listener = Listener(self.settings.node, store)
         self._start_service(listener)
         identity = heartbeat.NodeIdentity(
             hostname=socket.gethostname(),
@@ -117,6 +152,8 @@ class Node:
             version=__version__,
             pid=os.getpid(),
             home=str(self.settings.storage.home),
+            workers=self.settings.worker.threads if self.run_workers else 0,
+            destinations=[d.name for d in self.settings.destinations],
         )
 
     def stop(self) -> None:

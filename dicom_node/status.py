@@ -1,7 +1,8 @@
 """``dicom-node status``: what an operator (or a monitoring probe) needs at a glance.
 
-The report is built from the database (heartbeat, job counts, recent instances), the
-spool's file system and a TCP probe of the DICOM port. It never writes anything and
+The report is built from the database (heartbeat, job counts, recent instances, results,
+the outbox per destination and its dead letters), the spool's file system and a TCP
+probe of the DICOM port. It never writes anything and
 never migrates: it must be safe to run against a production node at any time, and it
 still answers (with ``reachable: false``) when the database is down.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from dicom_node import __version__
 from dicom_node.config import Settings
@@ -30,9 +32,11 @@ from storage.db import (
     redact_url,
     session_scope,
 )
-from storage.models import JobState, utcnow
+from storage.models import JobState, ResultStatus, SendState, utcnow
+from storage.outbox import count_in_state, counts_by_destination
 from storage.queue import counts_by_state
 from storage.records import count_instances, count_instances_since
+from storage.results import counts_by_status
 from storage.spool import Spool
 
 PROBE_TIMEOUT_S = 2.0
@@ -48,6 +52,11 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "database": {},
         "jobs": {state.value: None for state in JobState},
         "instances": {"last_hour": None, "total": None},
+        "results": {status.value: None for status in ResultStatus},
+        "sends": {
+            d.name: {state.value: None for state in SendState} for d in settings.destinations
+        },
+        "dead_letters": None,
         "spool": _spool(settings),
     }
     _fill_from_database(settings, report)
@@ -129,6 +138,8 @@ def _fill_counts(engine: Engine, settings: Settings, report: dict[str, Any]) -> 
             "last_hour": count_instances_since(session, utcnow() - timedelta(hours=1)),
             "total": count_instances(session),
         }
+        report["results"] = counts_by_status(session)
+        _fill_sends(session, settings, report)
         row = heartbeat.find_heartbeat(
             session, settings.node.ae_title, settings.node.port, socket.gethostname()
         )
@@ -149,6 +160,15 @@ def _fill_counts(engine: Engine, settings: Settings, report: dict[str, Any]) -> 
                 "hostname": row.hostname,
             }
         )
+
+
+def _fill_sends(session: Session, settings: Settings, report: dict[str, Any]) -> None:
+    """Sends per state for every configured destination (and any left from older configs)."""
+    counts = counts_by_destination(session)
+    for destination in settings.destinations:
+        counts.setdefault(destination.name, {state.value: 0 for state in SendState})
+    report["sends"] = counts
+    report["dead_letters"] = count_in_state(session, SendState.DEAD)
 
 
 def _pid_running(pid: int) -> bool:

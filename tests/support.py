@@ -217,6 +217,9 @@ class NodeProcess:
     port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
     config_file: Path | None = None
+    # Receive tests inspect the queue, so by default nothing consumes it; the results
+    # tests turn the workers on.
+    workers: bool = False
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -233,6 +236,8 @@ class NodeProcess:
                 "DICOM_NODE_NODE__HEARTBEAT_INTERVAL": "1",
             }
         )
+        if not self.workers:
+            env["DICOM_NODE_WORKER__THREADS"] = "0"
         if self.config_file is not None:
             env["DICOM_NODE_CONFIG"] = str(self.config_file)
         env.update(self.extra_env)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -588,3 +590,57 @@ def test_evaluation_never_raises(ds: Dataset, calling: str | None, called: str |
 def test_sop_class_named_computed_radiography_is_an_image() -> None:
     ds = make_ds(SOPClassUID=ComputedRadiographyImageStorage, Modality="CR")
     assert evaluate(RuleSet(), ds).rule == DEFAULT_RULE.name
+
+
+# --------------------------------------------------------------------------- rules test CLI
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node", *args], capture_output=True, text=True,
+        cwd=cwd, timeout=120, check=False,
+    )
+
+
+def test_rules_test_cli_names_the_matching_rule_and_why_others_did_not(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+        '[[rules]]\nname = "research"\npipeline = "none"\n'
+        '[rules.match]\ncalling_aet = "RESEARCH"\n'
+        '[[rules]]\nname = "chest"\npipeline = "cxr-cascade"\ndestinations = ["pacs"]\n'
+        '[rules.match]\nattribute = "BodyPartExamined"\nequals = "CHEST"\n'
+    )
+    chest = data_dir / "dicom" / "siim-cr-jpegbaseline.dcm"
+    hip = data_dir / "dicom" / "rg2-hip-cr-jpegextended.dcm"
+    result = _cli("rules", "test", str(chest), str(hip), "--json", "--config", str(config),
+                  "--calling-aet", "CR_ROOM_1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    first, second = json.loads(result.stdout)
+    assert (first["rule"], first["pipeline"], first["destinations"]) == (
+        "chest", "cxr-cascade", ["pacs"])
+    assert first["trace"][0] == {
+        "rule": "research", "matched": False,
+        "reason": "calling AE title is 'CR_ROOM_1', not 'RESEARCH'",
+    }
+    assert second["rule"] is None and "HIP" in second["trace"][1]["reason"]
+    research = _cli("rules", "test", str(chest), "--json", "--config", str(config),
+                    "--calling-aet", "RESEARCH", cwd=tmp_path)
+    assert json.loads(research.stdout)[0]["rule"] == "research"
+    human = _cli("rules", "test", str(chest), "--config", str(config), cwd=tmp_path)
+    assert human.returncode == 0 and "rule chest" in human.stdout
+
+
+def test_rules_test_cli_uses_the_default_rule_without_configuration(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    files = sorted((data_dir / "dicom").glob("*.dcm"))
+    result = _cli("rules", "test", *map(str, files), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    routed = {Path(r["file"]).name: r["rule"] for r in json.loads(result.stdout)}
+    assert routed["rg1-chest-cr-mono1-j2k.dcm"] == "default-chest-cr-dx"
+    assert routed["nih-00000001_000-dx-sc.dcm"] == "default-chest-cr-dx"  # DX, no body part
+    assert routed["rg2-hip-cr-jpegextended.dcm"] is None
+    assert routed["example-tid1500-sr.dcm"] is None
