@@ -97,7 +97,9 @@ STAGE_VALUES = {
     "confirm": CodedConcept("CONFIRM", PRIVATE_SCHEME, "Confirmation model"),
 }
 IN_DOMAIN = CodedConcept("INDOMAIN", PRIVATE_SCHEME, "Image within model input domain")
-OOD_DISTANCE = CodedConcept("OODDIST", PRIVATE_SCHEME, "Distance to training data")
+OOD_DISTANCE = CodedConcept(
+    "OODDIST", PRIVATE_SCHEME, "Distance to training data (1 = refusal limit)"
+)
 
 
 def measurement_report(
