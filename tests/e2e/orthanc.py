@@ -173,6 +173,14 @@ class Orthanc:
         result: bytes = self.request("GET", f"/instances/{instance_id}/file", raw=True)
         return result
 
+    def upload(self, data: bytes) -> dict[str, Any]:
+        """Store a PS3.10 file through the REST API (``POST /instances``)."""
+        req = urllib.request.Request(self.http_url + "/instances", data=data, method="POST")
+        req.add_header("Content-Type", "application/dicom")
+        with self._opener.open(req, timeout=60) as response:
+            result: dict[str, Any] = json.loads(response.read())
+        return result
+
     def store_to_modality(self, modality: str, resources: Sequence[str]) -> dict[str, Any]:
         """C-STORE ``resources`` (any level) to a configured modality, synchronously."""
         body = {"Resources": list(resources), "Synchronous": True}
@@ -210,8 +218,10 @@ class Orthanc:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _start(workdir: Path, aet: str, modalities: Mapping[str, Modality]) -> tuple[Orthanc, Any]:
-    dicom_port, http_port = free_port(), free_port()
+def _start(
+    workdir: Path, aet: str, modalities: Mapping[str, Modality], dicom_port: int | None = None
+) -> tuple[Orthanc, Any]:
+    dicom_port, http_port = dicom_port or free_port(), free_port()
     while http_port == dicom_port:
         http_port = free_port()
     config = workdir / f"orthanc-{http_port}.json"
@@ -246,14 +256,19 @@ def run_orthanc(
     aet: str = "ORTHANC",
     modalities: Mapping[str, Modality] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
+    dicom_port: int | None = None,
 ) -> Iterator[Orthanc]:
-    """A running Orthanc for the duration of the block, stopped afterwards whatever happens."""
+    """A running Orthanc for the duration of the block, stopped afterwards whatever happens.
+
+    ``dicom_port`` fixes the DICOM port (e.g. one a node was already told to send to);
+    by default a free one is chosen.
+    """
     if not Path(ORTHANC_BINARY).is_file():
         pytest.fail(f"Orthanc not installed at {ORTHANC_BINARY} (Debian package orthanc)")
     workdir.mkdir(parents=True, exist_ok=True)
     failure: OrthancError | None = None
     for _ in range(START_ATTEMPTS):
-        server, process = _start(workdir, aet, modalities or {})
+        server, process = _start(workdir, aet, modalities or {}, dicom_port)
         try:
             server.wait_until_ready(process, startup_timeout)
         except OrthancError as exc:
