@@ -89,7 +89,8 @@ class _Item:
     result: ImageResult
     image: DecodedImage
     tensor: torch.Tensor
-    features: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None  # pooled screen features (polarity probe)
+    probes: list[torch.Tensor] | None = None  # probe-block statistics (distance gate)
     screen_prob: float = 0.0
     confirm_prob: float | None = None
 
@@ -212,24 +213,24 @@ class Cascade:
         batch = self._batch(items)
         net = self.screen.network
         with torch.inference_mode():
-            features = net.embed(batch)  # type: ignore[operator]
-            logits = net.head(features).squeeze(1)  # type: ignore[operator]
+            embedding, probe = net.embed_and_probe(batch)  # type: ignore[operator]
+            logits = net.head(embedding).squeeze(1)  # type: ignore[operator]
         probs = self.screen.calibration.apply(logits).tolist()
-        features = features.cpu()
+        embedding, probe = embedding.cpu(), [p.cpu() for p in probe]
         elapsed = (time.perf_counter() - start) * 1000 / len(items)
-        for it, feat, prob in zip(items, features, probs, strict=True):
-            it.features, it.screen_prob = feat, float(prob)
+        for i, (it, prob) in enumerate(zip(items, probs, strict=True)):
+            it.embedding, it.screen_prob = embedding[i], float(prob)
+            it.probes = [p[i] for p in probe]
             it.result.timings_ms["screen"] = it.result.timings_ms.get("screen", 0.0) + elapsed
 
     def _correct_polarity(self, items: list[_Item]) -> None:
         """Re-screen images the probe finds inverted (wrong Photometric Interpretation)."""
         if not self.screen.gate or not items:
             return
-        checks = gate.check_features(torch.stack([it.features for it in items]), self.screen.gate)  # type: ignore[misc]
         flipped = [
             it
-            for it, c in zip(items, checks, strict=True)
-            if c.inverted_probability is not None and c.inverted_probability > POLARITY_FLIP
+            for it, check in zip(items, self._checks(items), strict=True)
+            if check.inverted_probability > POLARITY_FLIP
         ]
         for it in flipped:
             pixels = 1.0 - it.image.pixels
@@ -243,16 +244,22 @@ class Cascade:
         if flipped:
             self._screen(flipped)
 
+    def _checks(self, items: list[_Item]) -> list[gate.FeatureCheck]:
+        embedding = torch.stack([it.embedding for it in items])  # type: ignore[misc]
+        per_item = [it.probes or [] for it in items]
+        probes = [torch.stack(p) for p in zip(*per_item, strict=True)]
+        return gate.check_features(embedding, probes, self.screen.gate)
+
     def _gate_features(self, it: _Item) -> bool:
         if not self.screen.gate:
             return True
-        check = gate.check_features(it.features[None], self.screen.gate)[0]  # type: ignore[index]
-        it.result.in_domain, it.result.ood_distance = check.in_domain, check.distance
+        check = self._checks([it])[0]
+        it.result.in_domain, it.result.ood_distance = check.in_domain, check.score
         if not check.in_domain:
             it.result.status = NOT_SCORED
             it.result.reason = (
-                f"image features far from the training data (Mahalanobis distance "
-                f"{check.distance:.1f} > {check.threshold:.1f}): not a chest radiograph "
+                f"image features far from the training data (distance {check.score:.2f} × "
+                f"the refusal threshold at block {check.block}): not a chest radiograph "
                 "the model can score"
             )
         return check.in_domain

@@ -5,20 +5,23 @@ Two layers, cheapest first:
 1. **Header rules** on the DICOM attributes (Modality, Body Part Examined, View Position
    and View Code Sequence, Image Laterality, species, descriptions, matrix size). They
    refuse what the header already says is not a frontal human chest radiograph.
-2. **Feature distance**: the Mahalanobis distance of the screen network's pooled features
-   to the training features (Lee et al., NeurIPS 2018). It refuses images whose content
-   the model has never seen, whatever their header claims (a dog thorax labelled THORAX,
-   a dental film without a body part).
+2. **Feature distance**: the Mahalanobis distance (Lee et al., NeurIPS 2018) of the screen
+   network's mid-level activation statistics to those of the training and adult
+   reference chests. It refuses images whose content the model has not seen, whatever
+   their header claims (a dental film without a body part, an inverted or blank image).
+   It is not a substitute for the header rules: other radiographs of similar texture
+   (hip, tibia, an animal thorax) lie within the chest distances of this model.
 
-The gate also checks pixel *polarity*: a linear probe on the same features tells a
-correctly displayed radiograph from an inverted one, catching MONOCHROME1 headers on
-MONOCHROME2 pixels (and vice versa) that would otherwise be scored upside down.
+The gate also checks pixel *polarity*: a linear probe on the pooled features tells a
+correctly displayed chest radiograph from an inverted one, catching MONOCHROME1 headers
+on MONOCHROME2 pixels (and vice versa) that would otherwise be scored upside down.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,56 +112,40 @@ def _matrix_reason(ds: Dataset) -> str:
 
 # --- feature statistics ---------------------------------------------------------------
 
-SHRINKAGE = 0.1  # covariance shrinkage toward a scaled identity: 576 features, ~4k samples
-DISTANCE_QUANTILE = 0.995  # of in-domain validation distances
+SHRINKAGE = 0.1  # covariance shrinkage toward identity, in standardised feature space
+DISTANCE_QUANTILE = 0.995  # of held-out in-domain distances
 
 
-def _fit_mahalanobis(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = features.mean(axis=0)
-    centred = features - mean
-    cov = centred.T @ centred / max(1, len(features) - 1)
-    target = np.eye(cov.shape[0]) * np.trace(cov) / cov.shape[0]
-    precision = np.linalg.inv((1 - SHRINKAGE) * cov + SHRINKAGE * target)
-    return mean, precision
+def fit_distance(reference: np.ndarray, held_out: np.ndarray) -> dict[str, torch.Tensor]:
+    """Mahalanobis statistics of standardised probe features, and the refusal threshold.
 
-
-def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    centred = np.atleast_2d(features) - mean
-    return np.sqrt(np.einsum("ij,jk,ik->i", centred, precision, centred))
-
-
-def fit_gate(
-    train_features: np.ndarray,
-    val_features: np.ndarray,
-    inverted_features: np.ndarray | None = None,
-    extra_in_domain: np.ndarray | None = None,
-) -> dict[str, torch.Tensor]:
-    """Feature statistics, the distance threshold and (optionally) the polarity probe.
-
-    ``extra_in_domain`` adds features of other frontal chest radiographs (e.g. adults) to
-    the reference set, so the gate's notion of "chest" is wider than the pediatric
-    training data the classifier saw.
+    Features are standardised per dimension first: a few high-variance channels would
+    otherwise dominate the shrinkage target and hide the low-variance directions in
+    which non-chest images stand out.
     """
-    reference = (
-        train_features if extra_in_domain is None else np.vstack([train_features, extra_in_domain])
-    )
-    mean, precision = _fit_mahalanobis(reference.astype(np.float64))
-    val_dist = mahalanobis(val_features, mean, precision)
+    mean = reference.mean(axis=0)
+    scale = reference.std(axis=0) + 1e-6
+    z = (reference - mean) / scale
+    cov = np.cov(z, rowvar=False)
+    precision = np.linalg.inv((1 - SHRINKAGE) * cov + SHRINKAGE * np.eye(cov.shape[0]))
     stats = {
         "mean": torch.as_tensor(mean, dtype=torch.float64),
+        "scale": torch.as_tensor(scale, dtype=torch.float64),
         "precision": torch.as_tensor(precision, dtype=torch.float64),
-        "threshold": torch.tensor(float(np.quantile(val_dist, DISTANCE_QUANTILE))),
     }
-    if inverted_features is not None:
-        w, b = _fit_polarity_probe(train_features, inverted_features)
-        stats["polarity_w"], stats["polarity_b"] = w, b
+    distances = mahalanobis(torch.as_tensor(held_out), stats)
+    stats["threshold"] = torch.tensor(float(np.quantile(distances.numpy(), DISTANCE_QUANTILE)))
     return stats
 
 
-def _fit_polarity_probe(
-    normal: np.ndarray, inverted: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logistic regression: P(image is inverted | features)."""
+def mahalanobis(features: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    # float64: the quadratic form loses its small terms to cancellation in float32
+    z = (features.detach().double() - stats["mean"]) / stats["scale"]
+    return torch.sqrt(torch.einsum("ij,jk,ik->i", z, stats["precision"], z).clamp_min(0))
+
+
+def fit_polarity(normal: np.ndarray, inverted: np.ndarray) -> dict[str, torch.Tensor]:
+    """Logistic regression on pooled features: P(image is displayed inverted)."""
     x = torch.as_tensor(np.vstack([normal, inverted]), dtype=torch.float32)
     y = torch.cat([torch.zeros(len(normal)), torch.ones(len(inverted))])
     scale = x.std(dim=0).clamp_min(1e-6)
@@ -167,37 +154,44 @@ def _fit_polarity_probe(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = (
-            torch.nn.functional.binary_cross_entropy_with_logits(probe(x / scale).squeeze(1), y)
-            + 1e-3 * probe.weight.pow(2).sum()
-        )
+        logits = probe(x / scale).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        loss = loss + 1e-3 * probe.weight.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return (probe.weight.detach().squeeze(0) / scale), probe.bias.detach().squeeze(0)
+    weight = (probe.weight.detach().squeeze(0) / scale).double()
+    return {"polarity_w": weight, "polarity_b": probe.bias.detach().squeeze(0).double()}
 
 
 @dataclass(frozen=True)
 class FeatureCheck:
-    distance: float
-    threshold: float
-    inverted_probability: float | None
+    score: float  # largest distance / threshold over the probe blocks; > 1 refuses
+    block: int  # the probe block that gave it
+    inverted_probability: float
 
     @property
     def in_domain(self) -> bool:
-        return self.distance <= self.threshold
+        return self.score <= 1.0
 
 
-def check_features(features: torch.Tensor, stats: dict[str, torch.Tensor]) -> list[FeatureCheck]:
-    """Distance and polarity for a batch of pooled screen features (N×D)."""
-    feats = features.detach().double()  # float32 loses the quadratic form to cancellation
-    centred = feats - stats["mean"].double()
-    quad = torch.einsum("ij,jk,ik->i", centred, stats["precision"].double(), centred)
-    dist = torch.sqrt(quad.clamp_min(0))
-    inverted: list[float | None] = [None] * len(feats)
-    if "polarity_w" in stats:
-        w, b = stats["polarity_w"].double(), stats["polarity_b"].double()
-        inverted = torch.sigmoid(feats @ w + b).tolist()
-    threshold = float(stats["threshold"])
-    return [FeatureCheck(float(d), threshold, p) for d, p in zip(dist, inverted, strict=True)]
+def check_features(
+    embedding: torch.Tensor, probes: list[torch.Tensor], stats: dict[str, Any]
+) -> list[FeatureCheck]:
+    """Distance score (from the probe blocks) and polarity (from embeddings) for a batch."""
+    ratios = torch.stack(
+        [
+            mahalanobis(probe, layer) / layer["threshold"].double()
+            for probe, layer in zip(probes, stats["distance"], strict=True)
+        ],
+        dim=1,
+    )
+    score, worst = ratios.max(dim=1)
+    blocks = [int(b) for b in stats["blocks"]]
+    logits = embedding.detach().double() @ stats["polarity_w"] + stats["polarity_b"]
+    inverted = torch.sigmoid(logits).tolist()
+    return [
+        FeatureCheck(float(s), blocks[int(w)], p)
+        for s, w, p in zip(score, worst, inverted, strict=True)
+    ]

@@ -68,7 +68,7 @@ ARCHS = {
         "ResNet-18 (MONAI, half width)",
         {"_target_": "inference.networks.resnet18", "in_channels": 1, "num_classes": 1},
         lr=2e-3,
-        epochs=10,
+        epochs=6,
     ),
 }
 
@@ -153,16 +153,33 @@ class RadiographDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return image, torch.tensor([self.split.labels[i]])
 
 
-def predict(network: nn.Module, split: Split, batch: int = 64, embed: bool = False) -> np.ndarray:
-    """Logits (or pooled features with ``embed``) for a split, without augmentation."""
+def predict(network: nn.Module, split: Split, batch: int = 64) -> np.ndarray:
+    """Logits for a split, without augmentation."""
+    return _run_split(network, split, lambda images: network(images).squeeze(1), batch)[0]
+
+
+def embed_and_probe(network: nn.Module, split: Split) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Pooled features and each probe block's statistics of a screen network for a split."""
+
+    def flat(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        embedding, probes = network.embed_and_probe(images)  # type: ignore[operator]
+        return (embedding, *probes)
+
+    embedding, *probes = _run_split(network, split, flat)
+    return embedding, probes
+
+
+def _run_split(
+    network: nn.Module, split: Split, fn: Any, batch: int = 64
+) -> tuple[np.ndarray, ...]:
     loader = DataLoader(RadiographDataset(split, train=False), batch_size=batch)
-    outputs = []
+    outputs: list[tuple[torch.Tensor, ...]] = []
     network.eval()
     with torch.no_grad():
         for images, _ in loader:
-            out = network.embed(images) if embed else network(images)  # type: ignore[operator]
-            outputs.append(out.squeeze(1) if not embed else out)
-    return torch.cat(outputs).numpy()
+            out = fn(images)
+            outputs.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat(parts).double().numpy() for parts in zip(*outputs, strict=True))
 
 
 def train_network(arch: Arch, train: Split, val: Split, epochs: int, workers: int) -> nn.Module:
@@ -404,27 +421,35 @@ def load_adults(root: Path | None) -> Split | None:
 
 def fit_screen_gate(
     network: nn.Module, train: Split, val: Split, adults: Split | None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Gate statistics from the screen's features.
 
-    Reference: the training images plus every other adult image; threshold: a high
-    quantile of the held-out distances (pediatric validation plus the other adults), so
-    adult chests are in-domain for the gate even though the classifier saw none.
+    Reference: the training images plus every other adult image; threshold per probe
+    block: a high quantile of the held-out distances (pediatric validation plus the
+    other adults), so adult chests are in-domain for the gate even though the classifier
+    saw none. The polarity probe learns from a third of the training images, inverted.
     """
-    train_f = predict(network, train, embed=True)
-    val_f = predict(network, val, embed=True)
-    extra = None
+    train_embed, reference = embed_and_probe(network, train)
+    held_out = embed_and_probe(network, val)[1]
     info: dict[str, Any] = {"reference": f"{len(train.labels)} Kermany training images"}
     if adults is not None:
-        adult_f = predict(network, adults, embed=True)
-        extra, val_f = adult_f[0::2], np.vstack([val_f, adult_f[1::2]])
-        info["reference"] += f" + {len(extra)} NIH ChestX-ray14 adult images"
-    inverted = Split(255 - train.images, train.labels, train.patients)
-    stats = gate.fit_gate(train_f, val_f, predict(network, inverted, embed=True), extra)
+        adult_probes = embed_and_probe(network, adults)[1]
+        reference = [np.vstack([r, a[0::2]]) for r, a in zip(reference, adult_probes, strict=True)]
+        held_out = [np.vstack([h, a[1::2]]) for h, a in zip(held_out, adult_probes, strict=True)]
+        info["reference"] += f" + {len(adult_probes[0][0::2])} NIH ChestX-ray14 adult images"
+    subset = slice(None, None, 3)
+    inverted = Split(255 - train.images[subset], train.labels[subset], train.patients[subset])
+    distance = [gate.fit_distance(r, h) for r, h in zip(reference, held_out, strict=True)]
+    stats: dict[str, Any] = {
+        "blocks": torch.tensor(network.probe_blocks),
+        "distance": distance,
+        **gate.fit_polarity(train_embed[subset], embed_and_probe(network, inverted)[0]),
+    }
     info.update(
-        threshold=round(float(stats["threshold"]), 3),
+        features=f"mean and std of MobileNetV3 blocks {stats['blocks'].tolist()}",
+        thresholds=[round(float(d["threshold"]), 3) for d in distance],
         quantile=gate.DISTANCE_QUANTILE,
-        held_out_images=int(len(val_f)),
+        held_out_images=int(len(held_out[0])),
     )
     return stats, info
 

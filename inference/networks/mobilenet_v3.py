@@ -106,8 +106,8 @@ class InvertedResidual(nn.Module):
 class MobileNetV3(nn.Module):
     """MobileNetV3-Small with a configurable input channel count and width multiplier.
 
-    ``forward`` returns logits; ``embed`` returns the pooled penultimate features used by
-    the out-of-distribution gate.
+    ``forward`` returns logits; ``embed_and_probe`` also returns the pooled penultimate
+    features (polarity probe) and the mean/std of a mid-level block (distance gate).
     """
 
     def __init__(
@@ -159,8 +159,22 @@ class MobileNetV3(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    # Blocks whose activation statistics feed the distance gate: an early one (texture,
+    # exposure: catches noise, blank and non-radiographic images) and a deeper one
+    # (content), both before the features collapse onto the two classes.
+    probe_blocks = (3, 9)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)
+
+    def embed_and_probe(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Pooled final features and the channel mean‖std of each probe block, one pass."""
+        probes = []
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in self.probe_blocks:
+                probes.append(torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1))
+        return torch.flatten(self.pool(x), 1), probes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def test_spacing_prefers_pixel_spacing_and_ignores_zero(dicom_dir: Path) -> None
 
 
 def test_truncated_pixel_data_is_a_decode_error_with_reason(rg1_uncr: pydicom.Dataset) -> None:
-    ds = rg1_uncr.copy()
+    ds = copy.deepcopy(rg1_uncr)
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
     with pytest.raises(DecodeError, match="cannot decode"):
         decode(ds)
