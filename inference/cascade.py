@@ -224,13 +224,14 @@ class Cascade:
             it.result.timings_ms["screen"] = it.result.timings_ms.get("screen", 0.0) + elapsed
 
     def _correct_polarity(self, items: list[_Item]) -> None:
-        """Re-screen images the probe finds inverted (wrong Photometric Interpretation)."""
+        """Re-screen images displayed inverted (wrong Photometric Interpretation)."""
         if not self.screen.gate or not items:
             return
         flipped = [
             it
             for it, check in zip(items, self._checks(items), strict=True)
             if check.inverted_probability > POLARITY_FLIP
+            and gate.mediastinal_contrast(it.image.pixels) < 0
         ]
         for it in flipped:
             pixels = 1.0 - it.image.pixels

@@ -12,9 +12,10 @@ Two layers, cheapest first:
    It is not a substitute for the header rules: other radiographs of similar texture
    (hip, tibia, an animal thorax) lie within the chest distances of this model.
 
-The gate also checks pixel *polarity*: a linear probe on the pooled features tells a
-correctly displayed chest radiograph from an inverted one, catching MONOCHROME1 headers
-on MONOCHROME2 pixels (and vice versa) that would otherwise be scored upside down.
+The gate also checks pixel *polarity*, catching MONOCHROME1 headers on MONOCHROME2 pixels
+(and vice versa) that would otherwise be scored upside down. Two independent signs must
+agree before an image is inverted: a linear probe on the pooled features, and the anatomy
+(the mediastinum is brighter than the lungs on a correctly displayed frontal chest).
 """
 
 from __future__ import annotations
@@ -142,6 +143,22 @@ def mahalanobis(features: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch
     # float64: the quadratic form loses its small terms to cancellation in float32
     z = (features.detach().double() - stats["mean"]) / stats["scale"]
     return torch.sqrt(torch.einsum("ij,jk,ik->i", z, stats["precision"], z).clamp_min(0))
+
+
+def mediastinal_contrast(display: np.ndarray) -> float:
+    """(central strip − lung fields) / image std on a display image; < 0 looks inverted.
+
+    On a frontal chest the mediastinum and spine (central columns) attenuate more than the
+    aerated lungs beside them; the fixed regions tolerate the usual positioning. On the
+    Kermany validation split every image scores > 0 and every inverted copy < 0.
+    """
+    rows, cols = display.shape
+    band = slice(int(0.3 * rows), int(0.6 * rows))
+    centre = display[int(0.3 * rows) : int(0.7 * rows), int(0.45 * cols) : int(0.55 * cols)]
+    left = display[band, int(0.15 * cols) : int(0.35 * cols)]
+    right = display[band, int(0.65 * cols) : int(0.85 * cols)]
+    lungs = (float(left.mean()) + float(right.mean())) / 2
+    return (float(centre.mean()) - lungs) / (float(display.std()) + 1e-6)
 
 
 def fit_polarity(normal: np.ndarray, inverted: np.ndarray) -> dict[str, torch.Tensor]:

@@ -78,3 +78,17 @@ def test_lateral_view_code_is_refused() -> None:
 
 def test_portable_ap_and_empty_body_part_are_eligible() -> None:
     assert check_header(_chest(ViewPosition="AP", BodyPartExamined="")).eligible
+
+
+def test_mediastinal_contrast_tells_inverted_chests(
+    dicom_dir: Path, rg1_uncr: pydicom.Dataset
+) -> None:
+    from inference.decode import decode
+    from inference.gate import mediastinal_contrast
+
+    for ds in (rg1_uncr, pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm")):
+        display = decode(ds).pixels
+        assert mediastinal_contrast(display) > 0.5
+        assert mediastinal_contrast(1.0 - display) < -0.5
+    wrong = decode(pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline-mono1-header.dcm")).pixels
+    assert mediastinal_contrast(wrong) < 0
