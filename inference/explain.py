@@ -9,6 +9,8 @@ can never be mistaken for an acquisition.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,9 +32,20 @@ def target_layer(network: nn.Module) -> str:
     raise ValueError(f"no Grad-CAM target layer known for {type(network).__name__}")
 
 
+_CAMS: weakref.WeakKeyDictionary[nn.Module, GradCAM] = weakref.WeakKeyDictionary()
+
+
+def _cam_for(network: nn.Module) -> GradCAM:
+    """One GradCAM per network: MONAI registers its hooks at construction and never
+    removes them, so a new object per call would pile hooks onto the model."""
+    if network not in _CAMS:
+        _CAMS[network] = GradCAM(nn_module=network, target_layers=target_layer(network))
+    return _CAMS[network]
+
+
 def grad_cam(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Grad-CAM for a batch (N×1×H×W) → N×H×W maps in [0, 1] on the input grid."""
-    cam = GradCAM(nn_module=network, target_layers=target_layer(network))
+    cam = _cam_for(network)
     with torch.enable_grad():
         maps = cam(inputs.detach().clone().requires_grad_(False), class_idx=0)
     maps = torch.nan_to_num(maps.detach(), nan=0.0).squeeze(1)

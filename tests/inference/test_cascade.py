@@ -119,3 +119,14 @@ def test_without_heatmaps_no_gradcam_is_computed(dicom_dir: Path) -> None:
     fast = Cascade.load(heatmaps=False)
     (result,) = fast.analyze([pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm")])
     assert result.status == SCORED and result.heatmap is None and "gradcam" not in result.timings_ms
+
+
+def test_repeated_analysis_does_not_pile_hooks_onto_the_networks(
+    cascade: Cascade, dicom_dir: Path
+) -> None:
+    ds = pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm")
+    cascade.analyze([ds])
+    before = len(cascade.screen.network.features._forward_hooks)
+    for _ in range(3):
+        cascade.analyze([ds])
+    assert len(cascade.screen.network.features._forward_hooks) == before <= 1
