@@ -66,6 +66,8 @@ class Retention:
                 report = self.sweep()
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("retention sweep failed", error=str(exc)[:200])
+            except Exception:  # keep sweeping later; a full spool is worse than a log line
+                log.exception("retention sweep failed unexpectedly")
             else:
                 if report.instances:
                     log.info("spool purged", instances=report.instances, files=report.files)

@@ -100,6 +100,10 @@ class Sender:
                 log.warning("outbox unavailable", error=str(exc)[:200])
                 self._stop.wait(poll)
                 continue
+            except Exception:  # a bug must not silently end delivery for good
+                log.exception("sender loop failed; continuing")
+                self._stop.wait(poll)
+                continue
             if not claimed:
                 self.wakeup.wait(seen, poll)
 

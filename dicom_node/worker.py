@@ -149,6 +149,10 @@ class Worker:
                 log.warning("cannot claim jobs", worker=name, error=str(exc)[:200])
                 self._stop.wait(settings.poll_interval)
                 continue
+            except Exception:  # a bug must not silently stop the analysis for good
+                log.exception("worker loop failed; continuing", worker=name)
+                self._stop.wait(settings.poll_interval)
+                continue
             if jobs:
                 pipeline.run(jobs)
             else:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -285,25 +285,3 @@ def list_sends(
     if destination is not None:
         query = query.where(Send.destination == destination)
     return list(session.scalars(query))
-
-
-def pending_for_instance(session: Session, instance_id: int) -> int:
-    """Sends of an instance that are not yet delivered (pending, sending or dead)."""
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Send)
-            .where(Send.instance_id == instance_id, Send.state != SendState.SENT)
-        )
-        or 0
-    )
-
-
-def touch(session: Session, ids: Sequence[int], lease: timedelta) -> None:
-    """Extend the lease of sends still being transmitted (long batches)."""
-    if ids:
-        session.execute(
-            update(Send)
-            .where(Send.id.in_(list(ids)), Send.state == SendState.SENDING)
-            .values(next_attempt_at=utcnow() + lease)
-        )

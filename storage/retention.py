@@ -9,7 +9,7 @@ An instance's spooled file and its outputs (SR, SC) are removed once
 * the last of those events is older than the retention period.
 
 Rows are kept (``purged_at`` set): the database is the history, the spool only the
-working set. Files are deleted before the row is marked, so a crash in between merely
+working set. Files are deleted before the rows are marked, so a crash in between merely
 repeats a deletion that finds nothing.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import session_scope
@@ -61,6 +61,15 @@ def purgeable_instances(session: Session, cutoff: datetime, *, limit: int = 500)
     return list(session.scalars(query))
 
 
+@dataclass(frozen=True)
+class _Purgeable:
+    """What to delete for one instance, read in the selecting transaction."""
+
+    instance_id: int
+    result_ids: list[int]
+    files: list[str]  # relative to the spool root
+
+
 def purge(
     sessions: sessionmaker[Session],
     spool: Spool,
@@ -69,32 +78,41 @@ def purge(
     now: datetime | None = None,
     limit: int = 500,
 ) -> PurgeReport:
-    """Remove the files of every purgeable instance (one batch of up to ``limit``)."""
+    """Remove the files of every purgeable instance (one batch of up to ``limit``).
+
+    Three short steps rather than one long transaction, so that the listener is never
+    kept waiting for the database (SQLite has one writer) while files are deleted:
+    select, delete the files, mark the rows.
+    """
     cutoff = (now or utcnow()) - keep_for
     with session_scope(sessions) as session:
-        candidates = purgeable_instances(session, cutoff, limit=limit)
-        removed_files = 0
-        for instance in candidates:
-            removed_files += _purge_instance(session, spool, instance)
-    return PurgeReport(len(candidates), removed_files)
+        batch = [_describe(session, i) for i in purgeable_instances(session, cutoff, limit=limit)]
+    removed = sum(spool.remove(relpath) for item in batch for relpath in item.files)
+    with session_scope(sessions) as session:
+        _mark_purged(session, batch)
+    return PurgeReport(len(batch), removed)
 
 
-def _purge_instance(session: Session, spool: Spool, instance: Instance) -> int:
-    now = utcnow()
-    removed = 0
-    results = session.scalars(
-        select(Result).where(Result.instance_id == instance.id, Result.purged_at.is_(None))
+def _describe(session: Session, instance: Instance) -> _Purgeable:
+    results = list(
+        session.scalars(
+            select(Result).where(Result.instance_id == instance.id, Result.purged_at.is_(None))
+        )
     )
-    for result in results:
-        for relpath in (result.sr_path, result.sc_path):
-            if relpath and spool.remove(relpath):
-                removed += 1
-        result.purged_at = now
-    if not _shared(session, instance) and spool.remove(instance.spool_path):
-        removed += 1
-    instance.purged_at = now
-    session.flush()
-    return removed
+    files = [path for r in results for path in (r.sr_path, r.sc_path) if path]
+    if not _shared(session, instance):
+        files.append(instance.spool_path)
+    return _Purgeable(instance.id, [r.id for r in results], files)
+
+
+def _mark_purged(session: Session, batch: list[_Purgeable]) -> None:
+    now = utcnow()
+    instance_ids = [item.instance_id for item in batch]
+    result_ids = [rid for item in batch for rid in item.result_ids]
+    if instance_ids:
+        session.execute(update(Instance).where(Instance.id.in_(instance_ids)).values(purged_at=now))
+    if result_ids:
+        session.execute(update(Result).where(Result.id.in_(result_ids)).values(purged_at=now))
 
 
 def _shared(session: Session, instance: Instance) -> bool:
