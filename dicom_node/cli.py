@@ -27,7 +27,14 @@ from rich.console import Console
 from rich.table import Table
 
 from dicom_node import __version__
-from dicom_node.config import ConfigError, LoggingSettings, Settings, load_settings, to_toml
+from dicom_node.config import (
+    ConfigError,
+    LoggingSettings,
+    Settings,
+    effective_document,
+    load_settings,
+    to_toml,
+)
 from dicom_node.logs import configure_logging, get_logger
 
 if TYPE_CHECKING:
@@ -394,6 +401,7 @@ def _with_database(settings: Settings, action: Callable[[Any], T]) -> T:
 def db_upgrade(
     config: ConfigOption = None,
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    json_output: JsonOption = False,
 ) -> None:
     """Apply database migrations (also done automatically by ``serve``)."""
     settings = load_or_exit(config)
@@ -417,20 +425,35 @@ def db_upgrade(
     finally:
         engine.dispose()
     log.info("database upgraded", url=redact_url(url), revision=now)
+    if json_output:
+        typer.echo(json.dumps({"database": redact_url(url), "revision": now}))
+        return
     Console(stderr=True).print(f"database {redact_url(url)} at revision [bold]{now}[/bold]")
 
 
 @config_app.command("show")
-def config_show(config: ConfigOption = None) -> None:
-    """Print the effective configuration as TOML (passwords hidden)."""
-    typer.echo(to_toml(load_or_exit(config)))
+def config_show(config: ConfigOption = None, json_output: JsonOption = False) -> None:
+    """Print the effective configuration as TOML (or JSON; passwords hidden)."""
+    settings = load_or_exit(config)
+    if json_output:
+        typer.echo(json.dumps(effective_document(settings)))
+    else:
+        typer.echo(to_toml(settings))
 
 
 @config_app.command("check")
-def config_check(config: ConfigOption = None) -> None:
+def config_check(config: ConfigOption = None, json_output: JsonOption = False) -> None:
     """Validate the configuration: exit 0 if valid, 2 with the reason if not."""
-    load_or_exit(config)
-    typer.echo("configuration ok")
+    settings = load_or_exit(config)
+    if json_output:
+        summary = {
+            "valid": True,
+            "destinations": [d.name for d in settings.destinations],
+            "rules": [r.name for r in settings.rule_set.effective_rules],
+        }
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo("configuration ok")
 
 
 if __name__ == "__main__":  # pragma: no cover

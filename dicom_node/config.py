@@ -494,15 +494,21 @@ def _source_of(loc: tuple[str, ...], path: Path | None) -> str:
     return "defaults"
 
 
+def effective_document(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data (database password hidden, paths resolved)."""
+    data = settings.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["storage"]["database_url"] = _redacted_url(settings.storage.effective_database_url)
+    data["storage"]["spool_dir"] = str(settings.storage.spool_root)
+    return data
+
+
 def to_toml(settings: Settings) -> str:
     """Render the effective settings as TOML (database password hidden).
 
     Sections become ``[section]`` tables, destinations and rules ``[[…]]`` arrays of
     tables (rule conditions as inline tables); the output reads back as the same settings.
     """
-    data = settings.model_dump(mode="json", by_alias=True, exclude_none=True)
-    data["storage"]["database_url"] = _redacted_url(settings.storage.effective_database_url)
-    data["storage"]["spool_dir"] = str(settings.storage.spool_root)
+    data = effective_document(settings)
     lines: list[str] = []
     for name, values in data.items():
         if isinstance(values, dict):

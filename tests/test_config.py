@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -279,3 +280,25 @@ def test_config_show_renders_routing_that_reads_back_the_same(tmp_path: Path) ->
     assert again.destinations == settings.destinations
     assert again.rules == settings.rules
     assert "[[rules]]" in rendered.read_text() and "[[destinations]]" in rendered.read_text()
+
+
+def test_admin_commands_speak_json(tmp_path: Path) -> None:
+    config = write(tmp_path / "node.toml", ROUTING)
+    env = {"DICOM_NODE_DATABASE_URL": "postgresql+psycopg2://u:s3cret@127.0.0.1:1/db",
+           "PATH": "/usr/bin:/bin"}
+    base = [sys.executable, "-m", "dicom_node"]
+    check = run([*base, "config", "check", "--json", "--config", str(config)], cwd=tmp_path,
+                env=env)
+    assert check.returncode == 0, check.stderr
+    assert json.loads(check.stdout) == {
+        "valid": True, "destinations": ["pacs", "research"],
+        "rules": ["research-scanner", "adult-chest"],
+    }
+    shown = run([*base, "config", "show", "--json", "--config", str(config)], cwd=tmp_path,
+                env=env)
+    document = json.loads(shown.stdout)
+    assert "s3cret" not in shown.stdout and document["rules"][1]["name"] == "adult-chest"
+    upgraded = run([*base, "db", "upgrade", "--json"], cwd=tmp_path,
+                   env={"DICOM_NODE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert json.loads(upgraded.stdout)["revision"] == "0002"
