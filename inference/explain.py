@@ -10,6 +10,7 @@ can never be mistaken for an acquisition.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,13 +24,39 @@ HEAT_ALPHA = 0.45
 MIN_HEAT = 0.2  # below this the heatmap stays transparent, so anatomy remains readable
 
 
-def target_layer(network: nn.Module) -> str:
-    """The last convolutional stage: ``features`` (MobileNetV3) or ``layer4`` (ResNet)."""
-    names = dict(network.named_children())
-    for name in ("features", "layer4"):
-        if name in names:
-            return name
-    raise ValueError(f"no Grad-CAM target layer known for {type(network).__name__}")
+class _FromTargetLayer(nn.Module):
+    """The network split at its last convolutional stage, for a cheap Grad-CAM.
+
+    Grad-CAM needs the gradient of the class score with respect to the target layer's
+    activations only. Running the trunk without autograd and the tail (pooling and
+    classifier) with it gives MONAI's GradCAM exactly the same activations and
+    gradients, for a backward pass through a few layers instead of the whole network.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.target = nn.Identity()  # MONAI hooks this module: it sees the activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            activations = self._trunk(x)
+        return self._tail(self.target(activations.requires_grad_()))
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        net: Any = self.network
+        if hasattr(net, "features"):  # MobileNetV3
+            return net.features(x)
+        x = net.act(net.bn1(net.conv1(x)))  # MONAI ResNet, as in ResNet.forward
+        if not net.no_max_pool:
+            x = net.maxpool(x)
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+    def _tail(self, activations: torch.Tensor) -> torch.Tensor:
+        net: Any = self.network
+        if hasattr(net, "features"):
+            return net.head(torch.flatten(net.pool(activations), 1))
+        return net.fc(torch.flatten(net.avgpool(activations), 1))
 
 
 _CAMS: weakref.WeakKeyDictionary[nn.Module, GradCAM] = weakref.WeakKeyDictionary()
@@ -39,7 +66,10 @@ def _cam_for(network: nn.Module) -> GradCAM:
     """One GradCAM per network: MONAI registers its hooks at construction and never
     removes them, so a new object per call would pile hooks onto the model."""
     if network not in _CAMS:
-        _CAMS[network] = GradCAM(nn_module=network, target_layers=target_layer(network))
+        # eval(): GradCAM restores the wrapper's mode after each call, and a wrapper left
+        # in training mode would switch the shared network's batch norm to batch statistics.
+        wrapper = _FromTargetLayer(network).eval()
+        _CAMS[network] = GradCAM(nn_module=wrapper, target_layers="target")
     return _CAMS[network]
 
 
@@ -47,7 +77,7 @@ def grad_cam(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Grad-CAM for a batch (N×1×H×W) → N×H×W maps in [0, 1] on the input grid."""
     cam = _cam_for(network)
     with torch.enable_grad():
-        maps = cam(inputs.detach().clone().requires_grad_(False), class_idx=0)
+        maps = cam(inputs.detach(), class_idx=0)
     maps = torch.nan_to_num(maps.detach(), nan=0.0).squeeze(1)
     return maps.clamp(0.0, 1.0)
 

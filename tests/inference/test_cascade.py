@@ -124,9 +124,34 @@ def test_without_heatmaps_no_gradcam_is_computed(dicom_dir: Path) -> None:
 def test_repeated_analysis_does_not_pile_hooks_onto_the_networks(
     cascade: Cascade, dicom_dir: Path
 ) -> None:
+    from inference import explain
+
     ds = pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm")
     cascade.analyze([ds])
-    before = len(cascade.screen.network.features._forward_hooks)
+    target = explain._cam_for(cascade.screen.network).nn_module.model.target
+
+    def hooks() -> int:
+        modules = [target, *cascade.screen.network.modules()]
+        return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in modules)
+
+    before = hooks()
     for _ in range(3):
         cascade.analyze([ds])
-    assert len(cascade.screen.network.features._forward_hooks) == before <= 1
+    assert hooks() == before <= 2
+
+
+def test_gradcam_matches_monai_on_the_whole_network(cascade: Cascade) -> None:
+    """The split network gives MONAI's GradCAM exactly the maps of the plain one."""
+    import torch
+    from monai.visualize import GradCAM
+
+    from inference import explain
+
+    x = torch.randn(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
+    for network, layer in (
+        (cascade.screen.network, "features"),
+        (cascade.confirm.network, "layer4"),
+    ):
+        net = copy.deepcopy(network)  # MONAI's hooks stay on the module they are put on
+        reference = GradCAM(nn_module=net, target_layers=layer)(x, class_idx=0).squeeze(1)
+        assert torch.allclose(explain.grad_cam(net, x), reference, atol=1e-5)
