@@ -127,8 +127,9 @@ class Outbox:
         "JOIN instances i ON j.instance_id = i.id WHERE j.state NOT IN ('done')"
     )
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, orthanc: Orthanc) -> None:
         self.engine = create_engine(url)
+        self.orthanc = orthanc
 
     def acknowledged(self) -> dict[str, datetime]:
         """SOP Instance UID → moment both its SR and SC were acknowledged."""
@@ -143,8 +144,16 @@ class Outbox:
             if all(uid in done for uid in uids):
                 return {uid: done[uid] for uid in uids}
             self._check_jobs(set(uids) - set(done))
+            self._check_orthanc()
             time.sleep(POLL_S)
         raise TimeoutError("results not acknowledged in time (see the node's log)")
+
+    def _check_orthanc(self) -> None:
+        process = self.orthanc.process
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"Orthanc exited with {process.returncode}:\n{self.orthanc.log_tail()}"
+            )
 
     def _check_jobs(self, waiting: set[str]) -> None:
         """Stop at once when a job went wrong instead of waiting for the timeout."""
@@ -235,7 +244,7 @@ def main() -> int:
         }
         node = start_node(work, orthanc, database_url, bundles)
         try:
-            sender, outbox = Sender(node.port), Outbox(database_url)
+            sender, outbox = Sender(node.port), Outbox(database_url, orthanc)
             latency_run(sender, outbox, bases, args.warmup)
             print(f"latency: {args.images} images, one at a time …", file=sys.stderr)
             latencies = latency_run(sender, outbox, bases, args.images)

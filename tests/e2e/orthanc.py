@@ -122,6 +122,7 @@ class Orthanc:
         self.dicom_port = dicom_port
         self.http_url = f"http://{LOOPBACK}:{http_port}"
         self.log = log
+        self.process: subprocess.Popen[bytes] | None = None  # set once started
         # Loopback traffic must not go through an HTTP proxy from the environment.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -235,6 +236,7 @@ def _start(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    server.process = process
     return server, process
 
 
