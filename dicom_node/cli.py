@@ -54,8 +54,9 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
-sends_app = typer.Typer(help="The outbox: results waiting for, or given up on, delivery.",
-                        no_args_is_help=True)
+sends_app = typer.Typer(
+    help="The outbox: results waiting for, or given up on, delivery.", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")
@@ -177,8 +178,9 @@ def _print_status(report: dict[str, Any]) -> None:
             counts = ", ".join(f"{state} {count}" for state, count in states.items())
             table.add_row(f"sends → {name}", counts)
         dead = report["dead_letters"]
-        table.add_row("dead letters", f"[red]{dead}[/red] (dicom-node sends retry --dead)"
-                      if dead else "0")
+        table.add_row(
+            "dead letters", f"[red]{dead}[/red] (dicom-node sends retry --dead)" if dead else "0"
+        )
     free_gib = spool["free_bytes"] / 1024**3
     table.add_row("spool", f"{spool['path']} — {free_gib:.1f} GiB free ({spool['free_percent']} %)")
     Console().print(table)
@@ -266,8 +268,9 @@ def rules_test(
     configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
     from dicom_node.rules import rules_test_report
 
-    report = rules_test_report(files, settings.rule_set, calling_aet=calling_aet,
-                               called_aet=called_aet)
+    report = rules_test_report(
+        files, settings.rule_set, calling_aet=calling_aet, called_aet=called_aet
+    )
     if json_output:
         typer.echo(json.dumps(report))
         return
@@ -282,8 +285,11 @@ def _print_route(console: Console, entry: dict[str, Any]) -> None:
         console.print(f"[bold]{name}[/bold]: [red]{entry['error']}[/red]")
         return
     target = ", ".join(entry["destinations"]) or "no destination"
-    headline = (f"rule [bold]{entry['rule']}[/bold] → {entry['pipeline']} → {target}"
-                if entry["rule"] else "[yellow]no rule matched[/yellow]: stored, not analysed")
+    headline = (
+        f"rule [bold]{entry['rule']}[/bold] → {entry['pipeline']} → {target}"
+        if entry["rule"]
+        else "[yellow]no rule matched[/yellow]: stored, not analysed"
+    )
     default = " (built-in default rule)" if entry["default_rule"] else ""
     console.print(f"[bold]{name}[/bold]: {headline}{default}", highlight=False)
     for trace in entry["trace"]:
@@ -323,13 +329,28 @@ def sends_list(
     if json_output:
         typer.echo(json.dumps(rows, default=str))
         return
-    table = Table("id", "destination", "kind", "state", "attempts", "next attempt / sent",
-                  "SOP Instance UID", "last error")
+    table = Table(
+        "id",
+        "destination",
+        "kind",
+        "state",
+        "attempts",
+        "next attempt / sent",
+        "SOP Instance UID",
+        "last error",
+    )
     for row in rows:
         when = row["sent_at"] if row["state"] == "sent" else row["next_attempt_at"]
-        table.add_row(str(row["id"]), row["destination"], row["kind"], row["state"],
-                      str(row["attempts"]), _shown(when), row["sop_instance_uid"],
-                      (row["last_error"] or "")[:60])
+        table.add_row(
+            str(row["id"]),
+            row["destination"],
+            row["kind"],
+            row["state"],
+            str(row["attempts"]),
+            _shown(when),
+            row["sop_instance_uid"],
+            (row["last_error"] or "")[:60],
+        )
     Console().print(table)
 
 
@@ -355,8 +376,10 @@ def sends_retry(
     if json_output:
         typer.echo(json.dumps({"requeued": requeued, "not_dead": not_dead}))
     else:
-        typer.echo(f"re-queued {len(requeued)} send(s)"
-                   + (f"; not dead (left alone): {not_dead}" if not_dead else ""))
+        typer.echo(
+            f"re-queued {len(requeued)} send(s)"
+            + (f"; not dead (left alone): {not_dead}" if not_dead else "")
+        )
     if not_dead:
         raise typer.Exit(EXIT_FAILURE)
 

@@ -52,6 +52,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from dicom_node.dispatch import Destination
+from dicom_node.dispatch.base import validate_ae_title
 from dicom_node.rules import ALL_DESTINATIONS, Rule, RuleSet
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -78,20 +79,6 @@ _TOML_DATA: ContextVar[dict[str, Any]] = ContextVar("_TOML_DATA", default={})  #
 
 class ConfigError(Exception):
     """Invalid configuration; ``str(error)`` is one line naming the key and the reason."""
-
-
-def validate_ae_title(value: str) -> str:
-    """AE title per PS3.5 Table 6.2-1: 1–16 characters of the default repertoire.
-
-    Leading and trailing spaces are not significant and are stripped; backslash and
-    control characters are forbidden.
-    """
-    title = value.strip(" ")
-    if not 1 <= len(title) <= 16:
-        raise ValueError("an AE title must be 1 to 16 characters")
-    if any(ch == "\\" or not " " <= ch <= "~" for ch in title):
-        raise ValueError("an AE title may not contain backslash or control characters")
-    return title
 
 
 def _split_list(value: object) -> object:

@@ -69,7 +69,15 @@ def load_engine(settings: InferenceSettings) -> CascadeEngine:
         import torch
 
         torch.set_num_threads(settings.threads)
-    return CascadeEngine(Cascade.load(**settings.cascade_kwargs()))
+    engine = CascadeEngine(Cascade.load(**settings.cascade_kwargs()))
+    log.info(
+        "models loaded",
+        screen=bundle_identity(engine.cascade.screen),
+        confirm=bundle_identity(engine.cascade.confirm),
+        screen_threshold_override=settings.screen_threshold,
+        confirm_threshold_override=settings.confirm_threshold,
+    )
+    return engine
 
 
 def warm_up(engine: Engine, equipment: Equipment) -> None:
@@ -97,7 +105,6 @@ def warm_up(engine: Engine, equipment: Equipment) -> None:
         )
     except Exception as exc:  # best effort by design
         log.warning("engine warm-up failed", error_type=type(exc).__name__, error=str(exc)[:200])
-
 
 
 def synthetic_radiograph(side: int = _WARM_UP_SIDE) -> Dataset:

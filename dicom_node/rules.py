@@ -255,9 +255,7 @@ class Range(_Model):
         return self
 
     def contains(self, number: float) -> bool:
-        return (self.min is None or number >= self.min) and (
-            self.max is None or number <= self.max
-        )
+        return (self.min is None or number >= self.min) and (self.max is None or number <= self.max)
 
     def __str__(self) -> str:
         low = "-inf" if self.min is None else f"{self.min:g}"
@@ -513,9 +511,13 @@ class NotCondition(_Model):
 
 _CONDITION_KEYS = ("all", "any", "not", "attribute", "calling_aet", "called_aet", "is_image")
 _MODEL_KEYS: dict[type[BaseModel], str] = {
-    AllCondition: "all", AnyCondition: "any", NotCondition: "not",
-    AttributeCondition: "attribute", CallingAetCondition: "calling_aet",
-    CalledAetCondition: "called_aet", IsImageCondition: "is_image",
+    AllCondition: "all",
+    AnyCondition: "any",
+    NotCondition: "not",
+    AttributeCondition: "attribute",
+    CallingAetCondition: "calling_aet",
+    CalledAetCondition: "called_aet",
+    IsImageCondition: "is_image",
 }
 
 
@@ -769,7 +771,15 @@ def _report_one(
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # reported per file
         error = f"cannot read as DICOM: {type(exc).__name__}: {exc}"
-        return {"file": str(path), "error": error, "rule": None, "pipeline": None,
-                "destinations": [], "reason": error, "trace": [], "default_rule": None}
+        return {
+            "file": str(path),
+            "error": error,
+            "rule": None,
+            "pipeline": None,
+            "destinations": [],
+            "reason": error,
+            "trace": [],
+            "default_rule": None,
+        }
     decision = evaluate(rules, dataset, calling_aet, called_aet)
     return {"file": str(path), "error": None, **decision.model_dump(mode="json")}

@@ -98,8 +98,7 @@ _EXACT: dict[int, StatusClass] = {
 # Ranges: (first, last, class) — PS3.4 Table B.2-1.
 _RANGES: tuple[tuple[int, int, StatusClass], ...] = (
     (0xA700, 0xA7FF, StatusClass(False, False, True, "refused: out of resources")),
-    (0xA900, 0xA9FF, StatusClass(False, False, False,
-                                 "error: data set does not match SOP class")),
+    (0xA900, 0xA9FF, StatusClass(False, False, False, "error: data set does not match SOP class")),
     (0xC000, 0xCFFF, StatusClass(False, False, False, "error: cannot understand")),
     (0xB000, 0xBFFF, StatusClass(True, True, False, "warning")),
 )
@@ -132,9 +131,13 @@ def _status_result(
     if comment:
         message += f" ({str(comment).strip()})"
     return SendResult(
-        success=status_class.success, status=code, retryable=status_class.retryable,
-        message=message, category="success" if status_class.success else "status",
-        warning=status_class.warning, sop_instance_uid=sop_instance_uid,
+        success=status_class.success,
+        status=code,
+        retryable=status_class.retryable,
+        message=message,
+        category="success" if status_class.success else "status",
+        warning=status_class.warning,
+        sop_instance_uid=sop_instance_uid,
         transfer_syntax=transfer_syntax,
     )
 
@@ -142,8 +145,14 @@ def _status_result(
 def _failure(
     category: Category, message: str, retryable: bool, sop_instance_uid: str | None = None
 ) -> SendResult:
-    return SendResult(success=False, status=None, retryable=retryable, message=message,
-                      category=category, sop_instance_uid=sop_instance_uid)
+    return SendResult(
+        success=False,
+        status=None,
+        retryable=retryable,
+        message=message,
+        category=category,
+        sop_instance_uid=sop_instance_uid,
+    )
 
 
 # --------------------------------------------------------------------------- items
@@ -183,13 +192,16 @@ def _describe(source: Sendable) -> _Item:
             item.sop_class = UID(meta.MediaStorageSOPClassUID)
             item.sop_instance = str(meta.MediaStorageSOPInstanceUID)
             item.transfer_syntax = UID(meta.TransferSyntaxUID)
-        for label, uid in (("SOP Class UID", item.sop_class),
-                           ("Transfer Syntax UID", item.transfer_syntax)):
+        for label, uid in (
+            ("SOP Class UID", item.sop_class),
+            ("Transfer Syntax UID", item.transfer_syntax),
+        ):
             if uid is None or not uid.is_valid:
                 raise ValueError(f"{label} {str(uid)[:64]!r} is not a valid UID")
     except Exception as exc:  # unreadable input is this item's permanent failure
-        item.error = _failure("invalid_input", f"cannot read object: {_brief(exc)}", False,
-                              item.sop_instance)
+        item.error = _failure(
+            "invalid_input", f"cannot read object: {_brief(exc)}", False, item.sop_instance
+        )
     return item
 
 
@@ -247,8 +259,11 @@ def build_contexts(items: Sequence[_Item]) -> list[PresentationContext]:
 
 
 def _accepted(assoc: Association, sop_class: UID) -> list[PresentationContext]:
-    return [cx for cx in assoc.accepted_contexts
-            if cx.abstract_syntax == sop_class and cx.as_scu is not False]
+    return [
+        cx
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == sop_class and cx.as_scu is not False
+    ]
 
 
 def choose_context(
@@ -297,21 +312,30 @@ class _Watch:
 
 
 _REJECT_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
-_REJECT_SOURCES = {1: "service-user", 2: "service-provider (ACSE)",
-                   3: "service-provider (presentation)"}
+_REJECT_SOURCES = {
+    1: "service-user",
+    2: "service-provider (ACSE)",
+    3: "service-provider (presentation)",
+}
 _REJECT_REASONS = {
-    (1, 1): "no-reason-given", (1, 2): "application-context-name-not-supported",
-    (1, 3): "calling-AE-title-not-recognized", (1, 7): "called-AE-title-not-recognized",
-    (2, 1): "no-reason-given", (2, 2): "protocol-version-not-supported",
-    (3, 1): "temporary-congestion", (3, 2): "local-limit-exceeded",
+    (1, 1): "no-reason-given",
+    (1, 2): "application-context-name-not-supported",
+    (1, 3): "calling-AE-title-not-recognized",
+    (1, 7): "called-AE-title-not-recognized",
+    (2, 1): "no-reason-given",
+    (2, 2): "protocol-version-not-supported",
+    (3, 1): "temporary-congestion",
+    (3, 2): "local-limit-exceeded",
 }
 
 
 def rejection_text(result: int | None, source: int | None, reason: int | None) -> str:
     """An A-ASSOCIATE-RJ in the words of PS3.8 Table 9-21 (e.g. a wrong called AE title)."""
-    return (f"{_REJECT_RESULTS.get(result or 0, f'result {result}')} by "
-            f"{_REJECT_SOURCES.get(source or 0, f'source {source}')}: "
-            f"{_REJECT_REASONS.get((source or 0, reason or 0), f'reason {reason}')}")
+    return (
+        f"{_REJECT_RESULTS.get(result or 0, f'result {result}')} by "
+        f"{_REJECT_SOURCES.get(source or 0, f'source {source}')}: "
+        f"{_REJECT_REASONS.get((source or 0, reason or 0), f'reason {reason}')}"
+    )
 
 
 def _make_ae(destination: Destination, our_ae_title: str) -> AE:
@@ -330,12 +354,16 @@ def _associate(
     watch = _Watch()
     try:
         assoc = _make_ae(destination, our_ae_title).associate(
-            str(destination.host), int(destination.port or 0), contexts=contexts,
-            ae_title=str(destination.ae_title), evt_handlers=watch.handlers,
+            str(destination.host),
+            int(destination.port or 0),
+            contexts=contexts,
+            ae_title=str(destination.ae_title),
+            evt_handlers=watch.handlers,
         )
     except Exception as exc:  # e.g. a host name that does not resolve, a bad AE title
-        return None, _failure("connection", f"cannot connect to {_peer(destination)}: "
-                              f"{_brief(exc)}", True)
+        return None, _failure(
+            "connection", f"cannot connect to {_peer(destination)}: {_brief(exc)}", True
+        )
     if assoc.is_established:
         return assoc, None
     return None, _association_failure(assoc, watch, destination)
@@ -345,9 +373,7 @@ def _peer(destination: Destination) -> str:
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
 
 
-def _association_failure(
-    assoc: Association, watch: _Watch, destination: Destination
-) -> SendResult:
+def _association_failure(assoc: Association, watch: _Watch, destination: Destination) -> SendResult:
     """Why no association: no connection, rejected, no usable context, aborted, timeout.
 
     All but "no usable context" are retryable: they concern the destination, not the
@@ -358,22 +384,32 @@ def _association_failure(
     peer = _peer(destination)
     response = assoc.acceptor.primitive
     if not watch.connected:
-        return _failure("connection", f"cannot connect to {peer} (refused, unreachable or "
-                        f"no answer within {destination.timeout('connect'):g} s)", True)
+        return _failure(
+            "connection",
+            f"cannot connect to {peer} (refused, unreachable or "
+            f"no answer within {destination.timeout('connect'):g} s)",
+            True,
+        )
     if assoc.is_rejected and response is not None:
-        watch.rejection = rejection_text(response.result, response.result_source,
-                                         response.diagnostic)
+        watch.rejection = rejection_text(
+            response.result, response.result_source, response.diagnostic
+        )
     if watch.rejection is not None:
         return _failure("rejected", f"association rejected by {peer}: {watch.rejection}", True)
     if response is not None and response.result == 0x00:
-        rejected = "; ".join(f"{UID(cx.abstract_syntax or '').name}: {cx.status}"
-                             for cx in assoc.rejected_contexts)
-        return _failure("no_context", f"{peer} accepted no proposed presentation context "
-                        f"({rejected})", False)
+        rejected = "; ".join(
+            f"{UID(cx.abstract_syntax or '').name}: {cx.status}" for cx in assoc.rejected_contexts
+        )
+        return _failure(
+            "no_context", f"{peer} accepted no proposed presentation context ({rejected})", False
+        )
     if watch.pdus_received:
         return _failure("aborted", f"association aborted by {peer} during negotiation", True)
-    return _failure("timeout", f"no association response from {peer} within "
-                    f"{destination.timeout('acse'):g} s", True)
+    return _failure(
+        "timeout",
+        f"no association response from {peer} within {destination.timeout('acse'):g} s",
+        True,
+    )
 
 
 def _release(assoc: Association) -> None:
@@ -404,11 +440,16 @@ def send_datasets(
         try:
             results.update(_send_batch(destination, our_ae_title, batch))
         except Exception as exc:  # a bug must not look like a crash to the outbox
-            LOG.error("c-store batch failed unexpectedly", extra={"fields": {
-                "destination": destination.name, "error_type": type(exc).__name__}})
+            LOG.error(
+                "c-store batch failed unexpectedly",
+                extra={
+                    "fields": {"destination": destination.name, "error_type": type(exc).__name__}
+                },
+            )
             failure = _failure("aborted", f"unexpected error: {type(exc).__name__}", True)
-            results.update({id(item): _for_item(failure, item) for item in batch
-                            if id(item) not in results})
+            results.update(
+                {id(item): _for_item(failure, item) for item in batch if id(item) not in results}
+            )
     ordered = [results[id(item)] for item in items]
     _log_summary(destination, ordered)
     return ordered
@@ -425,8 +466,12 @@ def _send_batch(
     try:
         for number, item in enumerate(batch):
             if not assoc.is_established:
-                lost = _failure("aborted", f"association with {_peer(destination)} lost "
-                                "before this object was sent", True, item.sop_instance)
+                lost = _failure(
+                    "aborted",
+                    f"association with {_peer(destination)} lost before this object was sent",
+                    True,
+                    item.sop_instance,
+                )
                 results[id(item)] = lost
                 continue
             results[id(item)] = _store_one(assoc, item, number % MAX_MESSAGE_ID + 1)
@@ -436,9 +481,15 @@ def _send_batch(
 
 
 def _for_item(result: SendResult, item: _Item) -> SendResult:
-    return SendResult(success=result.success, status=result.status, retryable=result.retryable,
-                      message=result.message, category=result.category,
-                      warning=result.warning, sop_instance_uid=item.sop_instance)
+    return SendResult(
+        success=result.success,
+        status=result.status,
+        retryable=result.retryable,
+        message=result.message,
+        category=result.category,
+        warning=result.warning,
+        sop_instance_uid=item.sop_instance,
+    )
 
 
 def _store_one(assoc: Association, item: _Item, message_id: int) -> SendResult:
@@ -449,15 +500,19 @@ def _store_one(assoc: Association, item: _Item, message_id: int) -> SendResult:
     try:
         dataset = _prepare(item, decompress)
     except Exception as exc:  # unreadable file, no decoder for the pixel data, …
-        return _failure("invalid_input", f"cannot prepare object for "
-                        f"{context.transfer_syntax[0].name}: {_brief(exc)}", False,
-                        item.sop_instance)
+        return _failure(
+            "invalid_input",
+            f"cannot prepare object for {context.transfer_syntax[0].name}: {_brief(exc)}",
+            False,
+            item.sop_instance,
+        )
     started = time.monotonic()
     try:
         status = assoc.send_c_store(dataset, msg_id=message_id)
     except (ValueError, AttributeError) as exc:  # pynetdicom could not encode it
-        return _failure("invalid_input", f"cannot encode object: {_brief(exc)}", False,
-                        item.sop_instance)
+        return _failure(
+            "invalid_input", f"cannot encode object: {_brief(exc)}", False, item.sop_instance
+        )
     except Exception as exc:  # socket errors and the like: the peer, not the object
         return _failure("aborted", f"send failed: {_brief(exc)}", True, item.sop_instance)
     if "Status" not in status:
@@ -469,10 +524,16 @@ def _no_context(assoc: Association, item: _Item) -> SendResult:
     """The peer accepted nothing this object can be sent in: permanent for this object."""
     syntax = item.transfer_syntax.name if item.transfer_syntax is not None else "unknown"
     sop = item.sop_class.name if item.sop_class is not None else "unknown"
-    reasons = "; ".join(str(cx.status) for cx in assoc.rejected_contexts
-                        if cx.abstract_syntax == item.sop_class)
-    return _failure("no_context", f"no accepted presentation context for {sop} in {syntax} "
-                    f"or uncompressed ({reasons or 'not accepted'})", False, item.sop_instance)
+    reasons = "; ".join(
+        str(cx.status) for cx in assoc.rejected_contexts if cx.abstract_syntax == item.sop_class
+    )
+    return _failure(
+        "no_context",
+        f"no accepted presentation context for {sop} in {syntax} "
+        f"or uncompressed ({reasons or 'not accepted'})",
+        False,
+        item.sop_instance,
+    )
 
 
 def _no_response(assoc: Association, item: _Item, waited_s: float) -> SendResult:
@@ -481,10 +542,13 @@ def _no_response(assoc: Association, item: _Item, waited_s: float) -> SendResult
     so an early return counts as an abort too."""
     timeout = assoc.dimse_timeout or 0.0
     if assoc.is_aborted or not assoc.is_established or waited_s < timeout * 0.9:
-        return _failure("aborted", "association aborted by the peer before the C-STORE "
-                        "response", True, item.sop_instance)
-    return _failure("timeout", f"no C-STORE response within {timeout:g} s", True,
-                    item.sop_instance)
+        return _failure(
+            "aborted",
+            "association aborted by the peer before the C-STORE response",
+            True,
+            item.sop_instance,
+        )
+    return _failure("timeout", f"no C-STORE response within {timeout:g} s", True, item.sop_instance)
 
 
 def _prepare(item: _Item, decompress: bool) -> Dataset:
@@ -519,9 +583,9 @@ def _odd_length_binary(dataset: Dataset) -> list[BaseTag]:
     writes them back as read, and strict peers (dcmtk) abort the association on them.
     """
     return [
-        element.tag for element in dataset
-        if element.VR in _BINARY_VRS and isinstance(element.value, bytes)
-        and len(element.value) % 2
+        element.tag
+        for element in dataset
+        if element.VR in _BINARY_VRS and isinstance(element.value, bytes) and len(element.value) % 2
     ]
 
 
@@ -540,11 +604,21 @@ def _has_syntax(dataset: Dataset) -> bool:
 def _log_summary(destination: Destination, results: list[SendResult]) -> None:
     for result in results:
         level = logging.INFO if result.success else logging.WARNING
-        LOG.log(level, "c-store %s", "sent" if result.success else "failed", extra={"fields": {
-            "destination": destination.name, "sop_instance_uid": result.sop_instance_uid,
-            "status": result.status_hex, "category": result.category,
-            "retryable": result.retryable, "transfer_syntax": result.transfer_syntax,
-        }})
+        LOG.log(
+            level,
+            "c-store %s",
+            "sent" if result.success else "failed",
+            extra={
+                "fields": {
+                    "destination": destination.name,
+                    "sop_instance_uid": result.sop_instance_uid,
+                    "status": result.status_hex,
+                    "category": result.category,
+                    "retryable": result.retryable,
+                    "transfer_syntax": result.transfer_syntax,
+                }
+            },
+        )
 
 
 # --------------------------------------------------------------------------- C-ECHO
