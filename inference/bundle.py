@@ -153,11 +153,15 @@ def _build_network(path: Path) -> nn.Module:
     config = path / "configs" / "inference.json"
     if not config.is_file():
         raise BundleError(f"{path}: configs/inference.json is missing")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    network = parser.get_parsed_content("network_def")
+    return build_network(json.loads(config.read_text())["network_def"], str(config))
+
+
+def build_network(network_def: dict[str, Any], source: str = "network_def") -> nn.Module:
+    """Instantiate a MONAI-config ``network_def``: training and loading share it, so the
+    shipped definition is exactly the one that was trained."""
+    network = ConfigParser({"network_def": network_def}).get_parsed_content("network_def")
     if not isinstance(network, nn.Module):
-        raise BundleError(f"{config}: network_def is not a torch module")
+        raise BundleError(f"{source}: network_def is not a torch module")
     return network
 
 

@@ -188,7 +188,7 @@ class Cascade:
     def _run(self, items: list[_Item]) -> None:
         self._screen(items)
         self._correct_polarity(items)
-        scored = [it for it in items if self._gate_features(it)]
+        scored = self._gate_features(items)
         confirm = [it for it in scored if it.screen_prob >= self._screen_threshold]
         self._confirm(confirm)
         for it in scored:
@@ -251,19 +251,20 @@ class Cascade:
         probes = [torch.stack(p) for p in zip(*per_item, strict=True)]
         return gate.check_features(embedding, probes, self.screen.gate)
 
-    def _gate_features(self, it: _Item) -> bool:
+    def _gate_features(self, items: list[_Item]) -> list[_Item]:
+        """Record each image's feature check; return those in domain (all, without a gate)."""
         if not self.screen.gate:
-            return True
-        check = self._checks([it])[0]
-        it.result.in_domain, it.result.ood_distance = check.in_domain, check.score
-        if not check.in_domain:
-            it.result.status = NOT_SCORED
-            it.result.reason = (
-                f"image features far from the training data (distance {check.score:.2f} × "
-                f"the refusal threshold at block {check.block}): not a chest radiograph "
-                "the model can score"
-            )
-        return check.in_domain
+            return items
+        for it, check in zip(items, self._checks(items), strict=True):
+            it.result.in_domain, it.result.ood_distance = check.in_domain, check.score
+            if not check.in_domain:
+                it.result.status = NOT_SCORED
+                it.result.reason = (
+                    f"image features far from the training data (distance {check.score:.2f} × "
+                    f"the refusal threshold at block {check.block}): not a chest radiograph "
+                    "the model can score"
+                )
+        return [it for it in items if it.result.in_domain]
 
     def _confirm(self, items: list[_Item]) -> None:
         if not items:

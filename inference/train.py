@@ -34,7 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from inference import evaluate, gate
-from inference.bundle import CONFIRM_BUNDLE, SCREEN_BUNDLE, write_bundle
+from inference.bundle import (
+    CONFIRM_BUNDLE,
+    SCREEN_BUNDLE,
+    Calibration,
+    build_network,
+    write_bundle,
+)
 from inference.preprocess import INPUT_SIZE, KEY, inference_transforms, training_transforms
 
 log = logging.getLogger("inference.train")
@@ -182,8 +188,11 @@ def _run_split(
     return tuple(torch.cat(parts).double().numpy() for parts in zip(*outputs, strict=True))
 
 
-def train_network(arch: Arch, train: Split, val: Split, epochs: int, workers: int) -> nn.Module:
-    network = ConfigParserFactory.build(arch.network_def)
+def train_network(
+    arch: Arch, train: Split, val: Split, epochs: int, workers: int
+) -> tuple[nn.Module, float]:
+    """The best-validation-AUROC network and the positive-class weight it was trained with."""
+    network = build_network(arch.network_def)
     n_pos = float(train.labels.sum())
     pos_weight = torch.tensor([(len(train.labels) - n_pos) / n_pos])
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
@@ -226,29 +235,16 @@ def train_network(arch: Arch, train: Split, val: Split, epochs: int, workers: in
     assert best_state is not None
     network.load_state_dict(best_state)
     network.eval()
-    network.pos_weight = float(pos_weight)  # type: ignore[assignment]
-    return network
-
-
-class ConfigParserFactory:
-    """Build networks from the same ``network_def`` the bundle ships, so they cannot drift."""
-
-    @staticmethod
-    def build(network_def: dict[str, Any]) -> nn.Module:
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser({"network_def": network_def})
-        net: nn.Module = parser.get_parsed_content("network_def")
-        return net
+    return network, float(pos_weight)
 
 
 def calibrate_and_threshold(
-    arch: Arch, network: nn.Module, val: Split
+    arch: Arch, network: nn.Module, pos_weight: float, val: Split
 ) -> tuple[dict[str, float], float, dict[str, Any]]:
     logits = predict(network, val)
-    offset = -math.log(network.pos_weight)  # type: ignore[arg-type]
+    offset = -math.log(pos_weight)
     temperature = evaluate.fit_temperature(logits + offset, val.labels)
-    probs = 1.0 / (1.0 + np.exp(-(logits + offset) / temperature))
+    probs = Calibration(temperature, offset).apply(torch.as_tensor(logits)).numpy()
     if arch.role == "screen":
         threshold = evaluate.threshold_for_sensitivity(val.labels, probs, SCREEN_SENSITIVITY)
     else:
@@ -385,8 +381,8 @@ parameter).
 
 def train_role(arch: Arch, train: Split, val: Split, args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs or arch.epochs
-    network = train_network(arch, train, val, epochs, args.workers)
-    calibration, threshold, metrics = calibrate_and_threshold(arch, network, val)
+    network, pos_weight = train_network(arch, train, val, epochs, args.workers)
+    calibration, threshold, metrics = calibrate_and_threshold(arch, network, pos_weight, val)
     meta = metadata_for(arch, calibration, threshold, metrics, train, val, args.seed, args.version)
     gate_stats, gate_info = (
         fit_screen_gate(network, train, val, load_adults(args.adults))
