@@ -313,5 +313,6 @@ class Cascade:
                 f"{finding.label.meaning} p={finding.probability:.2f} "
                 f"({finding.stage}, {bundle.identity()})"
             )
-            it.result.overlay = explain.render_overlay(it.image.pixels, it.result.heatmap, caption)
+            # Rendered from the network-grid map: the overlay is smaller than the image anyway.
+            it.result.overlay = explain.render_overlay(it.image.pixels, cam.numpy(), caption)
             it.result.timings_ms["gradcam"] = elapsed

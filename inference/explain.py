@@ -105,12 +105,15 @@ COLORMAP = _colormap()
 def render_overlay(display: np.ndarray, heat: np.ndarray, caption: str) -> np.ndarray:
     """RGB uint8 overlay (at most OVERLAY_MAX_SIDE per side) with legend and marking.
 
-    ``display`` is the [0, 1] display image, ``heat`` the [0, 1] map on the same grid.
+    ``display`` is the [0, 1] display image, ``heat`` a [0, 1] map over the same field
+    (any grid: it is resampled to the overlay's size).
     """
     scale = min(1.0, OVERLAY_MAX_SIDE / max(display.shape))
     size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
     grey = Image.fromarray((display * 255).astype(np.uint8)).resize(size, Image.Resampling.BOX)
-    heat_small = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(size))
+    heat_small = np.asarray(
+        Image.fromarray(heat.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+    )
     base = np.repeat(np.asarray(grey, dtype=np.float32)[..., None], 3, axis=2)
     colour = COLORMAP[(np.clip(heat_small, 0, 1) * 255).astype(np.uint8)].astype(np.float32)
     alpha = (HEAT_ALPHA * (heat_small >= MIN_HEAT))[..., None]
