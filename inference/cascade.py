@@ -64,10 +64,22 @@ class ImageResult:
     in_domain: bool | None = None
     ood_distance: float | None = None
     warnings: list[str] = field(default_factory=list)
-    heatmap: np.ndarray | None = None  # float32 [0, 1] on the original rows × columns
+    cam: np.ndarray | None = None  # Grad-CAM map [0, 1] on the network's input grid
     overlay: np.ndarray | None = None  # uint8 RGB for the secondary capture
     spacing_mm: tuple[float, float] | None = None
+    image_shape: tuple[int, int] | None = None  # rows × columns of the source
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def heatmap(self) -> np.ndarray | None:
+        """The Grad-CAM map resampled onto the source's rows × columns (float32, [0, 1]).
+
+        Computed on request: the node itself only sends the overlay, and a full-size map
+        of a flat-panel image is 20 MB per image on the worker's hot path.
+        """
+        if self.cam is None or self.image_shape is None:
+            return None
+        return explain.to_original_grid(torch.as_tensor(self.cam), self.image_shape)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -307,7 +319,8 @@ class Cascade:
         maps = explain.grad_cam(bundle.network, self._batch(items)).cpu()
         elapsed = (time.perf_counter() - start) * 1000 / len(items)
         for it, cam in zip(items, maps, strict=True):
-            it.result.heatmap = explain.to_original_grid(cam, it.image.pixels.shape)
+            it.result.cam = cam.numpy()
+            it.result.image_shape = it.image.pixels.shape
             finding = it.result.findings[0]
             caption = (
                 f"{finding.label.meaning} p={finding.probability:.2f} "
