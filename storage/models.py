@@ -138,6 +138,7 @@ class Study(Base):
     """A study as seen by the node (first and latest arrival of any of its instances)."""
 
     __tablename__ = "studies"
+    __table_args__ = (Index("ix_studies_worklist", "priority_rank", "first_received_at"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
@@ -145,6 +146,14 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(16))
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Study-level priority from the findings of its instances (None until one is scored).
+    # ``priority_rank`` orders the worklist: higher is more urgent, 0 = not prioritised.
+    priority: Mapped[str | None] = mapped_column(String(8))
+    priority_rank: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    priority_score: Mapped[float | None] = mapped_column(Float)
+    top_finding: Mapped[str | None] = mapped_column(String(64))
+    top_probability: Mapped[float | None] = mapped_column(Float)
+    priority_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -210,7 +219,10 @@ class Job(Base):
     """A unit of work on one instance version (e.g. ``analyze``), driven by the queue."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "state", "available_at", "priority"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "state", "available_at", "priority"),
+        Index("ix_jobs_finished", "state", "finished_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import ConfigError, Settings, load_settings, to_toml, validate_ae_title
+from storage.db import head_revision
 from tests.support import run
 
 
@@ -301,4 +302,4 @@ def test_admin_commands_speak_json(tmp_path: Path) -> None:
     upgraded = run([*base, "db", "upgrade", "--json"], cwd=tmp_path,
                    env={"DICOM_NODE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert upgraded.returncode == 0, upgraded.stderr
-    assert json.loads(upgraded.stdout)["revision"] == "0002"
+    assert json.loads(upgraded.stdout)["revision"] == head_revision()
