@@ -1,0 +1,185 @@
+"""The worklist: studies by priority, then by arrival, with what the node made of them.
+
+Pure query code: one SQL statement per call, whatever the number of studies. The page of
+studies is chosen first on ``studies`` alone — ordered by ``priority_rank`` descending,
+then ``first_received_at``, which ``ix_studies_worklist`` serves — and only that page is
+joined to its series, instances and jobs for the counts, so a long history costs nothing
+but the rows shown.
+
+Study status is rolled up from the jobs of all its instances (:func:`rollup_status`):
+
+===========  ==========================================================================
+status       when
+===========  ==========================================================================
+received     no job yet (an instance is being recorded)
+running      some job is running
+queued       none running, some still waiting (received or queued)
+done         all finished, at least one done and none failed (skipped ones, e.g. a
+             lateral routed nowhere, do not count against the study)
+partial      all finished, some done and some failed
+failed       all finished, some failed and none done
+skipped      all finished and every one skipped
+===========  ==========================================================================
+
+No patient identifiers are read or returned here: the database does not hold them
+(migration 0003). The CLI reads them from the spooled file when an operator asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, case, func, select
+from sqlalchemy.orm import Session
+
+from storage.models import Instance, Job, JobState, Series, Study
+
+PRIORITY_LEVELS = ("STAT", "URGENT", "ROUTINE")
+STATUSES = ("received", "running", "queued", "done", "partial", "failed", "skipped")
+DEFAULT_LIMIT = 200
+_WAITING = (JobState.RECEIVED, JobState.QUEUED)
+
+
+@dataclass(frozen=True)
+class WorklistEntry:
+    """One study on the worklist (no patient identifiers: the database has none)."""
+
+    study_instance_uid: str
+    accession_number: str | None
+    first_received_at: datetime
+    last_received_at: datetime
+    status: str  # study-level rollup of its jobs (see the module docstring)
+    priority: str | None  # "STAT" | "URGENT" | "ROUTINE" | None
+    priority_score: float | None
+    top_finding: str | None
+    top_probability: float | None
+    instances: int
+    study_date: str | None = None
+    priority_updated_at: datetime | None = None
+    jobs: Mapping[str, int] | None = None  # job counts by state, zeros left out
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO 8601 in UTC, floats rounded for display."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "accession_number": self.accession_number,
+            "study_date": self.study_date,
+            "first_received_at": _iso(self.first_received_at),
+            "last_received_at": _iso(self.last_received_at),
+            "status": self.status,
+            "priority": self.priority,
+            "priority_score": _rounded(self.priority_score),
+            "top_finding": self.top_finding,
+            "top_probability": _rounded(self.top_probability),
+            "priority_updated_at": _iso(self.priority_updated_at),
+            "instances": self.instances,
+            "jobs": dict(self.jobs or {}),
+        }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat()
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def rollup_status(jobs: Mapping[str, int]) -> str:
+    """The study status from its job counts by state (see the module docstring)."""
+    count = {state: jobs.get(state.value, 0) for state in JobState}
+    if not any(count.values()):
+        return "received"
+    if count[JobState.RUNNING]:
+        return "running"
+    if any(count[state] for state in _WAITING):
+        return "queued"
+    done, failed = count[JobState.DONE], count[JobState.FAILED]
+    if done and failed:
+        return "partial"
+    if done:
+        return "done"
+    if failed:
+        return "failed"
+    return "skipped"
+
+
+def worklist(
+    session: Session,
+    *,
+    since: datetime | None = None,
+    priorities: Sequence[str] | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> list[WorklistEntry]:
+    """Studies by priority (STAT first), then arrival (oldest first).
+
+    ``since`` keeps studies that received an image at or after that moment;
+    ``priorities`` keeps the given levels (case-insensitive). Raises ``ValueError`` for an
+    unknown level or a limit below 1.
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    page = _page(since, _levels(priorities), limit).subquery("page")
+    job_counts = [
+        func.count(case((Job.state == state, Job.id))).label(state.value) for state in JobState
+    ]
+    query = (
+        select(
+            Study,
+            func.count(func.distinct(Instance.sop_instance_uid)).label("instances"),
+            *job_counts,
+        )
+        .join(page, page.c.id == Study.id)
+        .outerjoin(Series, Series.study_id == Study.id)
+        .outerjoin(Instance, Instance.series_id == Series.id)
+        .outerjoin(Job, Job.instance_id == Instance.id)
+        .group_by(Study.id)
+        .order_by(*_ORDER)
+    )
+    return [_entry(row) for row in session.execute(query)]
+
+
+_ORDER = (Study.priority_rank.desc(), Study.first_received_at.asc(), Study.id.asc())
+
+
+def _levels(priorities: Sequence[str] | None) -> list[str] | None:
+    if priorities is None:
+        return None
+    levels = [level.strip().upper() for level in priorities if level.strip()]
+    unknown = sorted(set(levels) - set(PRIORITY_LEVELS))
+    if unknown:
+        raise ValueError(f"unknown priority {', '.join(unknown)}; use {', '.join(PRIORITY_LEVELS)}")
+    return levels
+
+
+def _page(since: datetime | None, levels: list[str] | None, limit: int) -> Select[tuple[int]]:
+    """The ids of the studies to show: on ``studies`` alone, in worklist order."""
+    query = select(Study.id).order_by(*_ORDER).limit(limit)
+    if since is not None:
+        query = query.where(Study.last_received_at >= since)
+    if levels is not None:
+        query = query.where(Study.priority.in_(levels))
+    return query
+
+
+def _entry(row: Any) -> WorklistEntry:
+    study: Study = row.Study
+    jobs = {state.value: getattr(row, state.value) for state in JobState}
+    return WorklistEntry(
+        study_instance_uid=study.study_instance_uid,
+        accession_number=study.accession_number or None,
+        first_received_at=study.first_received_at,
+        last_received_at=study.last_received_at,
+        status=rollup_status(jobs),
+        priority=study.priority,
+        priority_score=study.priority_score,
+        top_finding=study.top_finding,
+        top_probability=study.top_probability,
+        instances=row.instances,
+        study_date=study.study_date,
+        priority_updated_at=study.priority_updated_at,
+        jobs={state: count for state, count in jobs.items() if count},
+    )
