@@ -155,7 +155,7 @@ def _levels(priorities: Sequence[str] | None) -> list[str] | None:
     return levels
 
 
-def _page(since: datetime | None, levels: list[str] | None, limit: int) -> Select[tuple[int]]:
+def _page(since: datetime | None, levels: list[str] | None, limit: int) -> Select[Any]:
     """The ids of the studies to show: on ``studies`` alone, in worklist order."""
     query = select(Study.id).order_by(*_ORDER).limit(limit)
     if since is not None:
