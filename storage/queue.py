@@ -6,7 +6,8 @@
         │          │  ▲        │
         │          │  └────────┤ (retry while attempts < max_attempts)
         │          ▼           ▼
-        └──────► skipped     failed ──► queued (manual retry)
+        └──────► skipped     failed ──► queued (operator retry, :func:`requeue`)
+                   └──────────────────► queued (operator retry, e.g. after a rule change)
 
 Every transition is validated here and written to the audit trail in the caller's
 transaction, so the state of a job and the record of how it got there cannot disagree.
@@ -41,9 +42,10 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     ),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.DONE: frozenset(),
-    JobState.SKIPPED: frozenset(),
+    JobState.SKIPPED: frozenset({JobState.QUEUED}),
 }
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.SKIPPED})
+RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.SKIPPED})
 MAX_ERROR_LENGTH = 4000
 DEFAULT_LEASE = timedelta(minutes=10)
 
@@ -283,6 +285,34 @@ def fail(
         session.flush()
         return job
     return transition(session, job, JobState.FAILED, actor=actor, error=error)
+
+
+def requeue(session: Session, job: Job, *, actor: str) -> Job:
+    """Operator retry: a failed or skipped job goes back to the queue with fresh attempts.
+
+    Why fresh attempts: ``max_attempts`` protects the node from an image that kills its
+    worker; an operator who retries has decided to try again (after fixing a rule, a
+    model or the disk), so the job gets the full allowance. ``finished_at`` is cleared so
+    throughput figures count the job once more only when it finishes again. Raises
+    :class:`InvalidTransition` for any other state (done, or still in the queue).
+    """
+    if job.state not in RETRYABLE_STATES:
+        allowed = " or ".join(sorted(state.value for state in RETRYABLE_STATES))
+        raise InvalidTransition(
+            f"job {job.id} is {job.state.value}; only {allowed} jobs can be retried"
+        )
+    transition(session, job, JobState.QUEUED, actor=actor)
+    job.attempts = 0
+    job.available_at = utcnow()
+    job.finished_at = None
+    session.flush()
+    return job
+
+
+def requeue_failed(session: Session, *, actor: str) -> list[int]:
+    """Re-queue every failed job (oldest first); returns their ids."""
+    query = select(Job).where(Job.state == JobState.FAILED).order_by(Job.id).with_for_update()
+    return [requeue(session, job, actor=actor).id for job in list(session.scalars(query))]
 
 
 def counts_by_state(session: Session) -> dict[str, int]:
