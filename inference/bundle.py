@@ -16,7 +16,6 @@ than no model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +25,37 @@ import torch
 from monai.bundle import ConfigParser
 from torch import nn
 
-BUNDLES_DIR = Path(__file__).parent / "bundles"
-SCREEN_BUNDLE = BUNDLES_DIR / "cxr_pneumonia_screen_mobilenetv3"
-CONFIRM_BUNDLE = BUNDLES_DIR / "cxr_pneumonia_confirm_resnet18"
-WEIGHTS = "models/model.pt"
-GATE = "models/gate.pt"
+# The manifest side (paths, metadata, sha256 checks) needs no torch; see manifest.py.
+from inference.manifest import (
+    BUNDLES_DIR,
+    CONFIRM_BUNDLE,
+    GATE,
+    SCREEN_BUNDLE,
+    WEIGHTS,
+    BundleError,
+    read_metadata,
+    sha256_file,
+    verify,
+)
 
-
-class BundleError(Exception):
-    """A bundle is missing, malformed or fails its integrity check."""
+__all__ = [
+    "BUNDLES_DIR",
+    "CONFIRM_BUNDLE",
+    "GATE",
+    "SCREEN_BUNDLE",
+    "WEIGHTS",
+    "Bundle",
+    "BundleError",
+    "Calibration",
+    "Label",
+    "build_network",
+    "load_bundle",
+    "read_metadata",
+    "replace_gate",
+    "sha256_file",
+    "verify",
+    "write_bundle",
+]
 
 
 @dataclass(frozen=True)
@@ -79,44 +100,6 @@ class Bundle:
 
     def identity(self) -> str:
         return f"{self.name} {self.version}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    meta_file = path / "configs" / "metadata.json"
-    if not meta_file.is_file():
-        raise BundleError(f"{path}: not a model bundle (no configs/metadata.json)")
-    try:
-        meta: dict[str, Any] = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{meta_file}: invalid JSON ({exc})") from exc
-    return meta
-
-
-def verify(path: Path, meta: dict[str, Any] | None = None) -> dict[str, str]:
-    """Check every hashed file of the bundle; return their digests or raise BundleError."""
-    meta = meta if meta is not None else read_metadata(path)
-    expected: dict[str, str] = meta.get("sha256", {})
-    if WEIGHTS not in expected:
-        raise BundleError(f"{path}: metadata.json lists no sha256 for {WEIGHTS}")
-    for rel, digest in expected.items():
-        file = path / rel
-        if not file.is_file():
-            raise BundleError(f"{path}: {rel} is missing")
-        actual = sha256_file(file)
-        if actual != digest:
-            raise BundleError(
-                f"{path}: {rel} fails its integrity check "
-                f"(sha256 {actual[:12]}…, metadata.json expects {digest[:12]}…); refusing to load"
-            )
-    return expected
 
 
 def load_bundle(path: Path, threshold_overrides: dict[str, float] | None = None) -> Bundle:
