@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
@@ -54,6 +56,8 @@ from sqlalchemy.exc import ArgumentError
 from dicom_node.dispatch import Destination
 from dicom_node.dispatch.base import validate_ae_title
 from dicom_node.rules import ALL_DESTINATIONS, Rule, RuleSet
+from dicom_node.tls import describe_error as describe_tls_error
+from dicom_node.tls import readable_file, server_context
 
 ENV_PREFIX = "DICOM_NODE_"
 CONFIG_ENV = "DICOM_NODE_CONFIG"
@@ -98,6 +102,55 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
+GIB = 1024**3
+
+
+class NodeTlsSettings(_Section):
+    """``[node.tls]``: DICOM TLS (PS3.15 Annex B) on a port of its own.
+
+    The TLS port is opened next to the plain ``[node] port`` (one AE, one association
+    limit for both), so senders can move over one by one; ``tls_only`` closes the plain
+    port. Files are checked and loaded at start-up: a missing, unreadable or mismatched
+    certificate or key stops the node with the key named, not the first association.
+    """
+
+    enabled: bool = Field(False, description="Accept DICOM TLS associations.")
+    port: int = Field(2762, ge=1, le=65535, description="TLS port (2762 = dicom-tls).")
+    tls_only: bool = Field(False, description="Do not open the plain [node] port.")
+    cert_file: Path | None = Field(None, description="Our certificate chain (PEM).")
+    key_file: Path | None = Field(None, description="Our private key (PEM, unencrypted).")
+    ca_file: Path | None = Field(None, description="CA certificates client certificates need.")
+    verify_client: bool = Field(False, description="Require a client certificate from ca_file.")
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().absolute() if value is not None else None
+
+    @model_validator(mode="after")
+    def _usable(self) -> NodeTlsSettings:
+        """Only an enabled section needs its files; each one is named when it is wrong."""
+        if not self.enabled:
+            return self
+        for key in ("cert_file", "key_file", "ca_file"):
+            path = getattr(self, key)
+            if path is None and (key != "ca_file" or self.verify_client):
+                raise _keyed_error(f"node.tls.{key}", "required when TLS is enabled")
+            if path is None:
+                continue
+            try:
+                readable_file(path)
+            except ValueError as exc:
+                raise _keyed_error(f"node.tls.{key}", str(exc)) from None
+        assert self.cert_file is not None and self.key_file is not None
+        try:
+            server_context(self.cert_file, self.key_file, self.ca_file, self.verify_client)
+        except (ssl.SSLError, OSError) as exc:
+            reason = f"cannot load certificate, key or CA: {describe_tls_error(exc)}"
+            raise _keyed_error("node.tls.key_file", reason) from None
+        return self
+
+
 class NodeSettings(_Section):
     """``[node]``: the DICOM listener."""
 
@@ -124,6 +177,15 @@ class NodeSettings(_Section):
     heartbeat_interval: float = Field(
         10.0, gt=0, description="Seconds between liveness records read by `status`."
     )
+    max_dataset_bytes: int = Field(
+        GIB, ge=1024, description="Largest C-STORE data set accepted (else 0xA700)."
+    )
+    max_image_rows: int = Field(8192, ge=1, le=65535, description="Largest Rows accepted.")
+    max_image_columns: int = Field(8192, ge=1, le=65535, description="Largest Columns.")
+    max_image_bytes: int = Field(
+        GIB, ge=1, description="Largest decoded pixel data (Rows × Columns × … × Frames)."
+    )
+    tls: NodeTlsSettings = Field(default_factory=lambda: NodeTlsSettings())
 
     @field_validator("ae_title")
     @classmethod
@@ -205,10 +267,24 @@ class StorageSettings(_Section):
 
 
 class HttpSettings(_Section):
-    """``[http]``: the HTTP API (served by a later version)."""
+    """``[http]``: the HTTP API, metrics and dashboard (:mod:`dicom_node.api`).
 
+    Every endpoint but ``/healthz`` needs the bearer token: ``DICOM_NODE_API_TOKEN``, else
+    the first line of ``token_file``, else one generated at first start and kept in
+    ``<home>/api-token`` (mode 0600).
+    """
+
+    enabled: bool = Field(True, description="Serve the HTTP API in serve.")
     host: str = Field("127.0.0.1", min_length=1, description="Address of the HTTP API.")
-    port: int = Field(8080, ge=1, le=65535, description="Port of the HTTP API.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP API; 0 = any free.")
+    token_file: Path | None = Field(
+        None, description="File holding the API token; default <home>/api-token (generated)."
+    )
+
+    @field_validator("token_file")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().absolute() if value is not None else None
 
 
 class InferenceSettings(_Section):
@@ -287,6 +363,49 @@ class RetentionSettings(_Section):
     interval: float = Field(3600.0, gt=0, description="Seconds between retention sweeps.")
 
 
+class FindingPriority(_Section):
+    """``[priority.findings.<name>]``: how much one finding weighs, and when it escalates.
+
+    ``<name>`` matches a finding by its meaning (``pneumonia`` ↔ "Pneumonia"), or by
+    ``code`` when given. Thresholds are on the calibrated probability the SR reports.
+    """
+
+    code: str | None = Field(None, description="Code value to match instead of the name.")
+    weight: float = Field(1.0, gt=0, le=100, description="Score = weight × probability.")
+    urgent_at: float = Field(0.5, ge=0, le=1, description="Probability for URGENT.")
+    stat_at: float = Field(
+        0.9, ge=0, le=1, description="Probability for STAT (confirmed findings only)."
+    )
+
+    @field_validator("stat_at")
+    @classmethod
+    def _stat_above_urgent(cls, value: float, info: ValidationInfo) -> float:
+        urgent = info.data.get("urgent_at")
+        if urgent is not None and value < urgent:
+            raise ValueError(f"stat_at must not be below urgent_at ({urgent})")
+        return value
+
+
+def _default_findings() -> dict[str, FindingPriority]:
+    return {"pneumonia": FindingPriority()}
+
+
+class PrioritySettings(_Section):
+    """``[priority]``: the study-level priority (STAT / URGENT / ROUTINE) of the worklist.
+
+    See :mod:`dicom_node.priority` for the formula. Findings not listed here count with
+    the defaults of :class:`FindingPriority`; listing findings replaces the default list.
+    """
+
+    unconfirmed_factor: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Score factor of a finding the confirm model did not find present.",
+    )
+    findings: dict[str, FindingPriority] = Field(default_factory=_default_findings)
+
+
 class LoggingSettings(_Section):
     """``[logging]``: structured logs on stderr and in ``<home>/logs/node.log``."""
 
@@ -317,6 +436,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
     sender: SenderSettings = Field(default_factory=lambda: SenderSettings())
     retention: RetentionSettings = Field(default_factory=lambda: RetentionSettings())
+    priority: PrioritySettings = Field(default_factory=lambda: PrioritySettings())
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)

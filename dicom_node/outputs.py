@@ -49,8 +49,13 @@ def build_outputs(
     equipment: Equipment,
     content_datetime: datetime.datetime,
     source_variant: str | None,
+    priority: str | None = None,
 ) -> list[tuple[str, Dataset]]:
-    """The SR, and the SC when the engine rendered an overlay, as ``(kind, dataset)``."""
+    """The SR, and the SC when the engine rendered an overlay, as ``(kind, dataset)``.
+
+    ``priority`` is the study's level (``"routine"`` …) the SR reports; the SC does not
+    show it, so its UID does not depend on it.
+    """
     made: list[tuple[str, Dataset]] = [
         (
             SR,
@@ -60,6 +65,7 @@ def build_outputs(
                 equipment=equipment,
                 content_datetime=content_datetime,
                 source_variant=source_variant,
+                priority=priority,
             ),
         )
     ]

@@ -36,9 +36,17 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.config import PrioritySettings
 from dicom_node.engine import Engine
 from dicom_node.logs import get_logger
 from dicom_node.outputs import Output, build_outputs, write_outputs
+from dicom_node.priority import (
+    StudyPriority,
+    study_findings,
+    study_id_of,
+    study_priority,
+    update_study_priority,
+)
 from dicom_node.results import Equipment
 from dicom_node.rules import PIPELINE_NONE, RouteDecision, RuleSet, evaluate
 from dicom_node.wakeup import Wakeup
@@ -99,6 +107,7 @@ class PipelineContext:
     rules: RuleSet
     equipment: Equipment
     sends_wakeup: Wakeup | None = None
+    priority: PrioritySettings = field(default_factory=PrioritySettings)
 
 
 class Pipeline:
@@ -169,7 +178,7 @@ class Pipeline:
 
     def _outcome(self, work: _Work, result: ImageResult) -> _Outcome:
         if result.status == SCORED and result.findings:
-            outputs = self._write_outputs(work, result)
+            outputs = self._write_outputs(work, result, self._priority_with(work, result))
             record = self._record(work, result, outputs)
             return _Outcome(JobState.DONE, None, record, outputs, work.decision.destinations)
         record = self._record(work, result, [])
@@ -177,7 +186,20 @@ class Pipeline:
         reason = result.reason or f"engine returned {result.status} without findings"
         return _Outcome(state, reason, record)
 
-    def _write_outputs(self, work: _Work, result: ImageResult) -> list[Output]:
+    def _priority_with(self, work: _Work, result: ImageResult) -> StudyPriority:
+        """The study's priority once this image's result counts (for the SR to report)."""
+        with session_scope(self.context.sessions) as session:
+            others = study_findings(
+                session,
+                study_id_of(session, work.job.instance_id),
+                except_sop_instance_uid=work.job.sop_instance_uid,
+            )
+        mine = [finding.as_dict() for finding in result.findings]
+        return study_priority([*others, *mine], self.context.priority)
+
+    def _write_outputs(
+        self, work: _Work, result: ImageResult, priority: StudyPriority
+    ) -> list[Output]:
         job = work.job
         made = build_outputs(
             work.dataset,
@@ -186,6 +208,7 @@ class Pipeline:
             # Deterministic: a re-run of this job rebuilds the same object, not a newer one.
             content_datetime=job.created_at.astimezone().replace(tzinfo=None),
             source_variant=job.sha256 if job.version > 1 else None,
+            priority=priority.report_value,
         )
         return write_outputs(self.context.spool, made)
 
@@ -233,6 +256,13 @@ class Pipeline:
         if outcome.record is None:
             return 0
         result_row = record_result(session, outcome.record, actor=self.worker_id)
+        update_study_priority(
+            session,
+            study_id_of(session, job.instance_id),
+            self.context.priority,
+            actor=self.worker_id,
+            job_id=job.job_id,
+        )
         queued = 0
         for destination in outcome.destinations:
             for output in outcome.outputs:

@@ -8,9 +8,13 @@ when the queue is empty, sleep until the listener signals a new job
 while a batch runs is therefore claimed as the next batch, and a lone image starts the
 moment its job is committed.
 
-Claims are leases (``job_lease``): a worker that dies mid-job leaves its job to be taken
-again when the lease expires, or right at the next start on this host
-(:func:`storage.queue.recover_orphans`). Inference never runs on the listener's threads.
+Claims are leases (``job_lease``). A lease keeper thread renews the leases of the jobs
+this process holds every quarter lease, so a long batch never looks abandoned; it also
+re-queues, every quarter lease, jobs whose lease expired (a worker on another host that
+died) and jobs of dead processes on this host (:func:`storage.queue.recover_orphans`, no
+need to wait for the lease). So with several worker processes — ``dicom-node worker`` on
+one or more hosts sharing the database and the spool — a ``kill -9`` of one leaves its
+jobs to the others. Inference never runs on the listener's threads.
 If the engine cannot be loaded (missing or corrupt bundle) the node keeps receiving; the
 jobs wait in the queue and the worker tries to load again every minute.
 """
@@ -41,6 +45,7 @@ from storage.spool import Spool
 log = get_logger(__name__)
 ENGINE_RETRY_S = 60.0
 STOP_TIMEOUT_S = 120.0
+LEASE_RENEWALS = 4  # lease renewals per lease: three may fail before another worker steps in
 JOB_KINDS = ("analyze",)
 
 EngineFactory = Callable[[], Engine]
@@ -97,13 +102,18 @@ class Worker:
             rules=settings.rule_set,
             equipment=Equipment(station_name=settings.node.ae_title),
             sends_wakeup=sends_wakeup,
+            priority=settings.priority,
         )
         self.ready = threading.Event()  # set once a thread has its engine
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._held: dict[str, list[int]] = {}  # worker id → ids of the jobs it runs now
+        self._held_lock = threading.Lock()
+        self._keeper = threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
 
     def start(self) -> None:
         self._recover_orphans()
+        self._keeper.start()
         for index in range(self.settings.worker.threads):
             thread = threading.Thread(
                 target=self._run,
@@ -122,15 +132,42 @@ class Worker:
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._keeper.is_alive():
+            self._keeper.join(timeout=max(1.0, deadline - time.monotonic()))
         log.info("workers stopped", unfinished=sum(t.is_alive() for t in self._threads))
 
     def _recover_orphans(self) -> None:
+        actor = owner_id("worker")
         with session_scope(self.sessions) as session:
-            recovered = queue.recover_orphans(
-                session, socket.gethostname(), process_alive, actor=owner_id("worker")
+            orphans = queue.recover_orphans(
+                session, socket.gethostname(), process_alive, actor=actor
             )
-        if recovered:
-            log.warning("re-queued jobs of a worker that died", jobs=recovered)
+            expired = queue.recover_expired(session, actor=actor)
+        if orphans or expired:
+            log.warning("re-queued jobs of a worker that died", jobs=orphans + expired)
+            self.jobs_wakeup.notify()  # our idle threads take them now, not at the next poll
+
+    def _keep_leases(self) -> None:
+        """Renew our leases and take back dead workers' jobs, every quarter lease."""
+        lease = timedelta(seconds=self.settings.worker.job_lease)
+        while not self._stop.wait(lease.total_seconds() / LEASE_RENEWALS):
+            with self._held_lock:
+                held = {worker: list(ids) for worker, ids in self._held.items()}
+            try:
+                with session_scope(self.sessions) as session:
+                    queue.extend_leases(
+                        session, list(held), [i for ids in held.values() for i in ids], lease=lease
+                    )
+                self._recover_orphans()
+            except SQLAlchemyError as exc:  # the lease still covers a short outage
+                log.warning("job leases not renewed", error=str(exc)[:200])
+            except Exception:
+                log.exception("lease keeper failed; continuing")
+
+    def _hold(self, worker_id: str, jobs: list[ClaimedJob]) -> None:
+        """Record which jobs ``worker_id`` runs now (an empty list: none)."""
+        with self._held_lock:
+            self._held[worker_id] = [job.job_id for job in jobs]
 
     def _run(self, name: str) -> None:
         worker_id = owner_id(name)
@@ -154,7 +191,11 @@ class Worker:
                 self._stop.wait(settings.poll_interval)
                 continue
             if jobs:
-                pipeline.run(jobs)
+                self._hold(worker_id, jobs)
+                try:
+                    pipeline.run(jobs)
+                finally:
+                    self._hold(worker_id, [])
             else:
                 self.jobs_wakeup.wait(seen, settings.poll_interval)
 

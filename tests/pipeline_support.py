@@ -103,7 +103,11 @@ def make_pipeline(
     settings: Settings, sessions: sessionmaker[Session], spool: Spool, engine: FakeEngine
 ) -> Pipeline:
     context = PipelineContext(
-        sessions=sessions, spool=spool, rules=settings.rule_set, equipment=Equipment()
+        sessions=sessions,
+        spool=spool,
+        rules=settings.rule_set,
+        equipment=Equipment(),
+        priority=settings.priority,
     )
     return Pipeline(context, engine, WORKER_ID)
 

@@ -8,12 +8,15 @@ Every SR and SC the pipeline writes here is checked with ``dciodvfy``.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,9 +25,10 @@ from dicom_node.pipeline import Pipeline
 from dicom_node.receive import StoreService
 from dicom_node.results.sr import measurement_report
 from dicom_node.worker import Worker, claim_jobs
+from inference.cascade import ImageResult
 from storage import queue
 from storage.db import session_scope
-from storage.models import Job, JobState, Result, ResultStatus, Send, SendState
+from storage.models import AuditEvent, Job, JobState, Result, ResultStatus, Send, SendState
 from storage.spool import Spool
 from tests.dciodvfy import dciodvfy
 from tests.pipeline_support import (
@@ -323,7 +327,8 @@ def test_new_version_of_an_instance_gets_outputs_of_its_own(
     assert a.sr_sop_instance_uid != b.sr_sop_instance_uid
     assert a.sc_sop_instance_uid != b.sc_sop_instance_uid
     source = pydicom.dcmread(data / "siim-cr-jpegbaseline.dcm")
-    plain = measurement_report(source, make_result(source, [make_finding(True, "confirm")]))
+    result = make_result(source, [make_finding(True, "confirm")])
+    plain = measurement_report(source, result, priority="urgent")  # p 0.87, confirmed
     assert a.sr_sop_instance_uid == plain.SOPInstanceUID  # version 1 keeps the plain UIDs
 
 
@@ -417,3 +422,79 @@ def test_warm_up_dataset_is_a_valid_source() -> None:
     source = synthetic_radiograph(64)
     report = measurement_report(source, make_result(source, [make_finding()]))
     assert report.StudyInstanceUID == source.StudyInstanceUID
+
+
+# -- leases with several workers ------------------------------------------------------------
+
+
+@dataclass
+class SlowEngine(FakeEngine):
+    """Takes ``seconds`` per batch: longer than the test's job lease."""
+
+    seconds: float = 2.5
+
+    def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
+        time.sleep(self.seconds)
+        return super().analyze(datasets)
+
+
+def short_lease_worker(
+    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    engine: FakeEngine,
+) -> Worker:
+    from dicom_node.wakeup import Wakeup
+
+    toml = "[worker]\npoll_interval = 60\njob_lease = 0.8\n"
+    settings = settings_for(tmp_path, database_url, toml)
+    return Worker(settings, sessions, spool, jobs_wakeup=Wakeup(), engine_factory=lambda: engine)
+
+
+def running_claims(sessions: sessionmaker[Session], job_id: int) -> int:
+    with session_scope(sessions) as s:
+        query = select(func.count()).select_from(AuditEvent)
+        return int(s.scalar(query.where(AuditEvent.kind == "job.running",
+                                        AuditEvent.job_id == job_id)) or 0)
+
+
+def test_job_longer_than_its_lease_is_not_taken_over_while_its_worker_lives(
+    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    store: StoreService, data: Path,
+) -> None:
+    worker = short_lease_worker(tmp_path, database_url, sessions, spool, SlowEngine())
+    worker.start()
+    try:
+        assert worker.ready.wait(60)
+        instance_id = receive_file(store, data / CHEST)
+        worker.jobs_wakeup.notify()
+        while job_of(sessions, instance_id).state is JobState.QUEUED:
+            time.sleep(0.02)
+        while job_of(sessions, instance_id).state is JobState.RUNNING:  # 2.5 s > 0.8 s lease
+            rival = claim_jobs(sessions, "otherhost:7:worker-1", limit=8,
+                               lease=timedelta(minutes=5))
+            assert rival == [], "a live worker's job was taken over"
+            time.sleep(0.1)
+    finally:
+        worker.stop()
+    job = job_of(sessions, instance_id)
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+    assert running_claims(sessions, job.id) == 1
+
+
+def test_expired_lease_of_a_dead_worker_elsewhere_is_taken_back_without_a_poll(
+    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    store: StoreService, data: Path,
+) -> None:
+    instance_id = receive_file(store, data / CHEST)
+    claim_jobs(sessions, "otherhost:7:worker-1", limit=1, lease=timedelta(seconds=1))
+    worker = short_lease_worker(tmp_path, database_url, sessions, spool, FakeEngine())
+    worker.start()  # polls once at start (the job is not expired yet), then only every 60 s
+    try:
+        deadline = time.monotonic() + 30
+        while job_of(sessions, instance_id).state is not JobState.DONE:
+            assert time.monotonic() < deadline, "the dead worker's job was not taken back"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    job = job_of(sessions, instance_id)
+    assert job.attempts == 2 and job.worker is not None and "otherhost" not in job.worker
+    assert running_claims(sessions, job.id) == 2

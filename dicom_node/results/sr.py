@@ -121,7 +121,8 @@ def measurement_report(
     from the same inputs yields the same object identity.
 
     ``priority`` (``"routine"``, ``"urgent"`` or ``"stat"``) adds a study-level
-    qualitative evaluation. ``source_variant`` gives a changed source re-sent under its old
+    qualitative evaluation, and is part of the SOP Instance UID (a changed priority is a
+    changed report). ``source_variant`` gives a changed source re-sent under its old
     SOP Instance UID outputs of its own (:func:`~dicom_node.results.uids.result_uids`).
     Raises ``ValueError`` for a result that was not scored, has no findings, or belongs
     to another image.
@@ -129,7 +130,9 @@ def measurement_report(
     _check_result(source, result)
     equipment = equipment or Equipment()
     header = source_header(source)
-    uids = result_uids(header, "sr", model_identities(result.findings), source_variant)
+    uids = result_uids(
+        header, "sr", model_identities(result.findings), source_variant, priority=priority
+    )
     report = MeasurementReport(
         observation_context=_observation_context(equipment),
         procedure_reported=CHEST_RADIOGRAPH,

@@ -3,11 +3,12 @@
 A job that crashes after sending its SR and is then re-run must not leave two different
 SRs for one image in the archive. So every output UID is a pure function of what
 determines the output's content: the source instance (or series), the kind of output
-("sr", "sc") and the identity of the models that produced it (name, version, the label
-they scored and the threshold in force). Same inputs → same UIDs, and a PACS receiving
-the re-sent object sees an instance it already holds. A new model version or threshold
-changes the content, and therefore the UIDs: one SOP Instance UID must never name two
-different contents (PS3.3 C.12.1.1.1).
+("sr", "sc"), the identity of the models that produced it (name, version, the label
+they scored and the threshold in force) and, for the SR, the study priority it reports.
+Same inputs → same UIDs, and a PACS receiving the re-sent object sees an instance it
+already holds. A new model version, threshold or priority changes the content, and
+therefore the UIDs: one SOP Instance UID must never name two different contents
+(PS3.3 C.12.1.1.1).
 
 The UIDs are UUID-derived, root ``2.25`` (PS3.5 B.2): the UUID is a name-based version 5
 UUID (ISO/IEC 9834-8, RFC 4122 §4.3) in a namespace of our own, so no organisational UID
@@ -65,7 +66,11 @@ class ResultUIDs:
 
 
 def result_uids(
-    source: Dataset, kind: OutputKind, models: Sequence[str], source_variant: str | None = None
+    source: Dataset,
+    kind: OutputKind,
+    models: Sequence[str],
+    source_variant: str | None = None,
+    priority: str | None = None,
 ) -> ResultUIDs:
     """UIDs of the ``kind`` output for ``source``, produced by ``models``.
 
@@ -76,10 +81,17 @@ def result_uids(
     ``source_variant`` distinguishes sources that share a SOP Instance UID but not their
     content (a modality re-sending a changed image under the old UID): each gets its own
     output instance UIDs, since one UID must never name two different reports.
+
+    ``priority`` is the study-level priority an SR carries: it changes the report's content
+    (a second image of the study may raise it), so it changes the instance UID — not the
+    series UID, so that both reports of the image stay in one result series. Without a
+    priority the UIDs are those of earlier versions.
     """
     if not models:
         raise ValueError("output UIDs need at least one model identity")
-    extra = (f"variant:{source_variant}",) if source_variant else ()
+    extra: tuple[str, ...] = (f"variant:{source_variant}",) if source_variant else ()
+    if priority:
+        extra += (f"priority:{priority.lower()}",)
     series = derived_uid("series", str(source.SeriesInstanceUID), kind, *models)
     instance = derived_uid("instance", str(source.SOPInstanceUID), kind, *models, *extra)
     return ResultUIDs(series, instance)
