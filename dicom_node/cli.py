@@ -479,5 +479,9 @@ def config_check(config: ConfigOption = None, json_output: JsonOption = False) -
         typer.echo("configuration ok")
 
 
+from dicom_node.cli_worklist import worklist  # noqa: E402  (it uses the helpers above)
+
+app.command()(worklist)
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -122,7 +122,7 @@ def worklist(
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
-    page = _page(since, _levels(priorities), limit).subquery("page")
+    page = _page(since, priority_levels(priorities), limit).subquery("page")
     job_counts = [
         func.count(case((Job.state == state, Job.id))).label(state.value) for state in JobState
     ]
@@ -145,7 +145,8 @@ def worklist(
 _ORDER = (Study.priority_rank.desc(), Study.first_received_at.asc(), Study.id.asc())
 
 
-def _levels(priorities: Sequence[str] | None) -> list[str] | None:
+def priority_levels(priorities: Sequence[str] | None) -> list[str] | None:
+    """``priorities`` in upper case, checked; None (all levels) stays None."""
     if priorities is None:
         return None
     levels = [level.strip().upper() for level in priorities if level.strip()]
@@ -183,3 +184,27 @@ def _entry(row: Any) -> WorklistEntry:
         priority_updated_at=study.priority_updated_at,
         jobs={state: count for state, count in jobs.items() if count},
     )
+
+
+def latest_spooled_files(
+    session: Session, study_instance_uids: Sequence[str]
+) -> dict[str, str | None]:
+    """Spool path of each study's most recently received instance still in the spool.
+
+    ``None`` for a study whose every file retention has removed. One query for all the
+    studies (for the patient identifiers an operator may ask to see next to the list).
+    """
+    if not study_instance_uids:
+        return {}
+    query = (
+        select(Study.study_instance_uid, Instance.spool_path, Instance.purged_at)
+        .join(Series, Series.study_id == Study.id)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Study.study_instance_uid.in_(list(study_instance_uids)))
+        .order_by(Instance.received_at, Instance.id)
+    )
+    files: dict[str, str | None] = dict.fromkeys(study_instance_uids)
+    for study_uid, spool_path, purged_at in session.execute(query):
+        if purged_at is None:
+            files[study_uid] = spool_path
+    return files
