@@ -479,8 +479,10 @@ def config_check(config: ConfigOption = None, json_output: JsonOption = False) -
         typer.echo("configuration ok")
 
 
-from dicom_node.cli_worklist import worklist  # noqa: E402  (it uses the helpers above)
+from dicom_node.cli_worker import worker  # noqa: E402  (it uses the helpers above)
+from dicom_node.cli_worklist import worklist  # noqa: E402
 
+app.command()(worker)
 app.command()(worklist)
 
 if __name__ == "__main__":  # pragma: no cover

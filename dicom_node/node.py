@@ -2,10 +2,15 @@
 
 The services, in start order: the sender (outbox → destinations), the workers (queue →
 engine → results → outbox), the retention sweep, the DICOM listener (C-STORE → spool →
-queue) and the heartbeat. They start in order and stop in reverse order — the listener
+queue), the heartbeat and the HTTP API (with the listener only: it reports on the whole
+node from the database). They start in order and stop in reverse order — the listener
 stops accepting first, then the workers finish their batches, then the sender its
 association — and a node never stays half-started. In-process wake-ups connect them: a
 committed job wakes the workers, committed sends wake the sender.
+
+``dicom-node worker`` runs the same node without the listener (``listener=False``):
+workers, sender and a heartbeat with the role ``worker``, on the database and spool it
+shares with the listener's process; its workers find new jobs by polling.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
+from dicom_node.api import HttpService
 from dicom_node.config import Settings
-from dicom_node.listener import Listener
+from dicom_node.listener import Listener, receive_limits
 from dicom_node.logs import get_logger
 from dicom_node.receive import StoreService
 from dicom_node.retention import Retention
@@ -101,10 +107,14 @@ class Node:
         settings: Settings,
         *,
         workers: bool = True,
+        listener: bool = True,
+        retention: bool = True,
         engine_factory: EngineFactory | None = None,
     ) -> None:
         self.settings = settings
         self.run_workers = workers and settings.worker.threads > 0
+        self.run_listener = listener
+        self.run_retention = retention and settings.retention.enabled
         self.engine_factory = engine_factory
         self.engine: Engine | None = None
         self.services: list[Service] = []
@@ -112,6 +122,7 @@ class Node:
         self.sends_wakeup = Wakeup()
         self.worker: Worker | None = None
         self.listener: Listener | None = None
+        self.http: HttpService | None = None
 
     def start(self) -> None:
         """Migrate, prepare the spool, then start every service (or none)."""
@@ -128,33 +139,45 @@ class Node:
                 engine_factory=self.engine_factory,
             )
             self._start_service(self.worker)
-        if self.settings.retention.enabled:
+        if self.run_retention:
             self._start_service(Retention(self.settings.retention, sessions, spool))
+        port = self._start_listener(sessions, spool) if self.run_listener else 0
+        identity = heartbeat.NodeIdentity(
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            ae_title=self.settings.node.ae_title,
+            host=self.settings.node.host if self.run_listener else "",
+            port=port,
+            version=__version__,
+            role=heartbeat.LISTENER if self.run_listener else heartbeat.WORKER,
+        )
+        self._start_service(Heartbeat(sessions, identity, self.settings.node.heartbeat_interval))
+        if self.settings.http.enabled and self.run_listener:
+            self.http = HttpService(self.settings, sessions, spool)
+            self._start_service(self.http)
+        log.info(
+            "node started",
+            version=__version__,
+            pid=os.getpid(),
+            role=identity.role,
+            home=str(self.settings.storage.home),
+            workers=self.settings.worker.threads if self.run_workers else 0,
+            destinations=[d.name for d in self.settings.destinations],
+            http_port=self.http.port if self.http else None,
+        )
+
+    def _start_listener(self, sessions: sessionmaker[Session], spool: Spool) -> int:
+        """Start the DICOM listener; returns the port it listens on."""
         store = StoreService(
             spool,
             sessions,
             min_free_bytes=self.settings.storage.min_free_mb * 1024 * 1024,
             on_queued=self.jobs_wakeup.notify if self.run_workers else None,
+            limits=receive_limits(self.settings.node),
         )
         listener = self.listener = Listener(self.settings.node, store)
         self._start_service(listener)
-        identity = heartbeat.NodeIdentity(
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            ae_title=self.settings.node.ae_title,
-            host=self.settings.node.host,
-            port=listener.port,
-            version=__version__,
-        )
-        self._start_service(Heartbeat(sessions, identity, self.settings.node.heartbeat_interval))
-        log.info(
-            "node started",
-            version=__version__,
-            pid=os.getpid(),
-            home=str(self.settings.storage.home),
-            workers=self.settings.worker.threads if self.run_workers else 0,
-            destinations=[d.name for d in self.settings.destinations],
-        )
+        return listener.port
 
     def stop(self) -> None:
         """Stop services in reverse order; safe to call more than once."""
@@ -191,7 +214,7 @@ class Node:
         root = self.settings.storage.spool_root
         spool = Spool(root, durable=self.settings.storage.durable_writes)
         try:
-            removed = spool.prepare()
+            removed = spool.prepare(remove_partial=self.run_listener)
         except OSError as exc:
             raise NodeStartError(f"spool {root} unusable: {exc.strerror}") from exc
         if removed:

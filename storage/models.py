@@ -347,7 +347,7 @@ class AuditEvent(Base):
 
 
 class NodeHeartbeat(Base):
-    """Liveness of a running listener, so ``status`` can answer from any host."""
+    """Liveness of a listener or worker process, so ``status`` can answer from any host."""
 
     __tablename__ = "node_heartbeats"
 
@@ -358,6 +358,7 @@ class NodeHeartbeat(Base):
     host: Mapped[str] = mapped_column(String(64))
     port: Mapped[int] = mapped_column(Integer)
     version: Mapped[str] = mapped_column(String(32))
+    role: Mapped[str] = mapped_column(String(16), server_default="listener")  # or "worker"
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -17,15 +17,18 @@ conditional update below guards against double claims on either backend.
 
 A claim is a *lease*: ``available_at`` of a running job is the moment its worker is
 presumed dead. A job whose worker died (``kill -9``, power loss) is therefore never lost:
-it goes back to the queue when the lease expires, or at once when a node on the same host
-starts and finds the worker's process gone (:func:`recover_orphans`). Each claim counts
+it goes back to the queue when the lease expires, or at once when a live worker on the
+same host finds the claiming process gone (:func:`recover_orphans`). Live workers renew
+the leases of the jobs they hold (:func:`extend_leases`), so a long job is not mistaken
+for an abandoned one, and recover expired leases on every claim and periodically in
+between, so any surviving process picks up a dead one's jobs. Each claim counts
 as an attempt, so an image that kills its worker every time ends ``failed`` after
 ``max_attempts`` instead of taking the node down forever.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
@@ -228,6 +231,34 @@ def recover_expired(session: Session, *, actor: str, now: datetime | None = None
     for job in jobs:
         _requeue_abandoned(session, job, f"lease of worker {job.worker} expired", actor, now)
     return len(jobs)
+
+
+def extend_leases(
+    session: Session,
+    workers: Collection[str],
+    job_ids: Collection[int],
+    *,
+    lease: timedelta,
+    now: datetime | None = None,
+) -> int:
+    """Move the lease of running jobs still held by ``workers`` to ``now + lease``.
+
+    Why: a live worker on a long batch must not look dead. Its process renews the leases
+    of the jobs it is working on every fraction of a lease, so ``job_lease`` only bounds
+    how long a *dead* worker's jobs wait, not how long a job may take. A job already
+    taken over (lease expired while the database was unreachable) is not touched.
+    """
+    if not workers or not job_ids:
+        return 0
+    now = now or utcnow()
+    renewed = session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.state == JobState.RUNNING)
+        .where(Job.worker.in_(list(workers)))
+        .values(available_at=now + lease)
+        .execution_options(synchronize_session=False)
+    )
+    return int(renewed.rowcount)  # type: ignore[attr-defined]
 
 
 def owner_is_gone(owner: str, hostname: str, is_alive: Callable[[int], bool]) -> bool:

@@ -68,17 +68,21 @@ class Spool:
         self.quarantine_dir = root / "quarantine"
         self.outputs_dir = root / "outputs"
 
-    def prepare(self) -> int:
+    def prepare(self, *, remove_partial: bool = True) -> int:
         """Create the layout and delete leftovers of interrupted writes.
 
         Returns the number of stale temporary files removed. They are safe to delete:
         a temporary file is only ever renamed into place before the sender is answered.
+        Only the listener may remove them (``remove_partial``): a worker process starting
+        beside a running listener on a shared spool would delete C-STOREs in flight.
         """
         for directory in (self.tmp_dir, self.objects_dir, self.quarantine_dir, self.outputs_dir):
             self._ensure_dir(directory)
         for prefix in range(256):
             self._ensure_dir(self.objects_dir / f"{prefix:02x}")
         removed = 0
+        if not remove_partial:
+            return removed
         for leftover in self.tmp_dir.glob("*.part"):
             leftover.unlink(missing_ok=True)
             removed += 1

@@ -67,9 +67,9 @@ def received(uid: str = "1.2.3.4.5", sha: str = "a" * 64, **changes: object) -> 
 
 
 def test_migrations_reach_head_and_are_idempotent(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
     upgrade(engine)  # second run is a no-op
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
 
 
 def test_models_match_migrations(engine: Engine) -> None:
@@ -344,6 +344,25 @@ def test_heartbeat_life_cycle(sessions: sessionmaker[Session]) -> None:
         assert row is not None and not heartbeat.is_alive(row, max_age=timedelta(seconds=30))
 
 
+def test_worker_processes_beat_one_row_each_and_are_not_the_listener(
+    sessions: sessionmaker[Session],
+) -> None:
+    listener = heartbeat.NodeIdentity("host", 10, "CXR_AI", "0.0.0.0", 11112, "1.0")
+    workers = [
+        heartbeat.NodeIdentity("host", pid, "CXR_AI", "", 0, "1.0", role=heartbeat.WORKER)
+        for pid in (11, 12)
+    ]
+    with session_scope(sessions) as s:
+        for identity in (listener, *workers):
+            heartbeat.node_started(s, identity)
+    with session_scope(sessions) as s:
+        rows = heartbeat.list_heartbeats(s, heartbeat.WORKER)
+        assert sorted(row.pid for row in rows) == [11, 12]
+        found = heartbeat.find_heartbeat(s, "CXR_AI", 11112, "host")
+        assert found is not None and (found.role, found.pid) == ("listener", 10)
+        assert heartbeat.find_heartbeat(s, "CXR_AI", 0, "host") is None
+
+
 # -- spool ------------------------------------------------------------------------------------
 
 
@@ -430,7 +449,7 @@ def test_migrations_downgrade_and_upgrade_again(engine: Engine) -> None:
         command.downgrade(alembic_config(connection), "0001")
     assert current_revision(engine) == "0001"
     upgrade(engine)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
 
 
 def test_spool_outputs_are_replaced_atomically_and_removable(spool: Spool) -> None:
