@@ -80,6 +80,18 @@ class InstanceHeader:
     photometric_interpretation: str | None = None
     study_date: str | None = None
     accession_number: str | None = None
+    bits_allocated: int | None = None
+    samples_per_pixel: int | None = None
+    number_of_frames: int | None = None
+
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes the decoded Pixel Data takes, as the header declares it (0 if unknown):
+        what a decoder would allocate, whatever the size of a compressed stream."""
+        if not (self.rows and self.columns and self.bits_allocated):
+            return 0
+        samples, frames = self.samples_per_pixel or 1, self.number_of_frames or 1
+        return (self.rows * self.columns * samples * frames * self.bits_allocated + 7) // 8
 
 
 @dataclass
@@ -318,4 +330,7 @@ def _header_of(dataset: Dataset) -> InstanceHeader:
         photometric_interpretation=_text(dataset, "PhotometricInterpretation", 16),
         study_date=_text(dataset, "StudyDate", 8),
         accession_number=_text(dataset, "AccessionNumber", 16),
+        bits_allocated=_int(dataset, "BitsAllocated"),
+        samples_per_pixel=_int(dataset, "SamplesPerPixel"),
+        number_of_frames=_int(dataset, "NumberOfFrames"),
     )

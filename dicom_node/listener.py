@@ -1,14 +1,21 @@
 """The DICOM listener: a pynetdicom SCP for C-ECHO and C-STORE, nothing else.
 
 Handlers stay as small as pynetdicom intends them to be: the association-level one
-enforces the calling-AE and host allowlists, the C-STORE one hands the encoded data set
-to :class:`~dicom_node.receive.StoreService` and returns its status. pynetdicom owns
-threads (one per association), timeouts and PDU handling.
+enforces the calling-AE and host allowlists and the association limit, the C-STORE one
+hands the encoded data set to :class:`~dicom_node.receive.StoreService` and returns its
+status. pynetdicom owns threads (one per association), timeouts and PDU handling.
+
+One AE serves up to two ports: the plain ``[node] port`` and, with ``[node.tls]``
+enabled, the DICOM TLS port (PS3.15 Annex B). Both share the AE's contexts, handlers and
+association limit. Every accepted connection gets a socket timeout (the network timeout),
+so a peer that stops half-way through a PDU or a TLS handshake loses its connection
+instead of holding a thread forever.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +26,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.config import NodeSettings
+from dicom_node import tls
+from dicom_node.config import NodeSettings, NodeTlsSettings
 from dicom_node.contexts import (
     STORAGE_SOP_CLASSES,
     STORAGE_TRANSFER_SYNTAXES,
@@ -27,7 +35,13 @@ from dicom_node.contexts import (
     VERIFICATION_SYNTAXES,
 )
 from dicom_node.logs import get_logger
-from dicom_node.receive import IncomingInstance, StoreResult, StoreService, StoreStatus
+from dicom_node.receive import (
+    IncomingInstance,
+    ReceiveLimits,
+    StoreResult,
+    StoreService,
+    StoreStatus,
+)
 from storage.audit import record_event
 from storage.db import session_scope
 
@@ -37,6 +51,8 @@ log = get_logger(__name__)
 # service user, "calling AE title not recognized" resp. "no reason given" (for hosts).
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_HOST = (0x01, 0x01, 0x01)
+# Rejected-transient by the service provider (presentation): "local-limit-exceeded".
+REJECT_LIMIT = (0x02, 0x03, 0x02)
 ERROR_COMMENT_LENGTH = 64  # (0000,0902) Error Comment is LO
 
 
@@ -80,6 +96,23 @@ def build_ae(settings: NodeSettings) -> AE:
     return ae
 
 
+def receive_limits(settings: NodeSettings) -> ReceiveLimits:
+    """The C-STORE limits of ``[node]`` for the store pipeline."""
+    return ReceiveLimits(
+        max_dataset_bytes=settings.max_dataset_bytes,
+        max_rows=settings.max_image_rows,
+        max_columns=settings.max_image_columns,
+        max_pixel_bytes=settings.max_image_bytes,
+    )
+
+
+def _tls_context(settings: NodeTlsSettings) -> ssl.SSLContext:
+    assert settings.cert_file is not None and settings.key_file is not None  # validated
+    return tls.server_context(
+        settings.cert_file, settings.key_file, settings.ca_file, settings.verify_client
+    )
+
+
 class Listener:
     """Owns the AE and its server thread; started and stopped by the node runtime."""
 
@@ -91,29 +124,57 @@ class Listener:
         self.allowlist = Allowlist(settings.allowed_calling_aets, settings.allowed_hosts)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
 
     @property
     def port(self) -> int:
-        """The bound port (differs from the configured one only when that was 0)."""
+        """The bound plain port (differs from the configured one only when that was 0)."""
         if self._server is None:
             return self.settings.port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port, None without TLS."""
+        if not self.settings.tls.enabled:
+            return None
+        if self._tls_server is None:
+            return self.settings.tls.port
+        return int(self._tls_server.server_address[1])
+
     def start(self) -> None:
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        address = (self.settings.host, self.settings.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        host, tls_settings = self.settings.host, self.settings.tls
+        if tls_settings.enabled:
+            self._tls_server = self.ae.start_server(
+                (host, tls_settings.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=_tls_context(tls_settings),
+            )
+        if not (tls_settings.enabled and tls_settings.tls_only):
+            try:
+                self._server = self.ae.start_server(
+                    (host, self.settings.port), block=False, evt_handlers=handlers
+                )
+            except OSError:
+                self._shutdown_servers()
+                raise
         log.info(
             "listener started",
             ae_title=self.settings.ae_title,
-            host=self.settings.host,
-            port=self.port,
+            host=host,
+            port=self.port if self._server is not None else None,
+            tls_port=self.tls_port,
+            tls_client_certificates="required" if tls_settings.verify_client else "not required",
+            max_associations=self.settings.max_associations,
             allowed_calling_aets=sorted(self.allowlist.calling_aets),
             allowed_hosts=[str(n) for n in self.allowlist.networks],
         )
@@ -125,10 +186,9 @@ class Listener:
         peers) are aborted and not waited for: pynetdicom would keep their threads until
         the ACSE timeout.
         """
-        if self._server is None:
+        if self._server is None and self._tls_server is None:
             return
-        self._server.shutdown()
-        self._server = None
+        self._shutdown_servers()
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline:
             transferring = [a for a in self.ae.active_associations if a.is_established]
@@ -139,17 +199,44 @@ class Listener:
             assoc.abort()
         log.info("listener stopped", ae_title=self.settings.ae_title)
 
+    def _shutdown_servers(self) -> None:
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
+
     # -- handlers ---------------------------------------------------------------------
 
+    def _on_connection(self, event: Event) -> None:
+        """Bound every read and finish the TLS handshake, on the connection's thread."""
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        if sock is None:
+            return
+        failure = tls.handshake(sock, self.settings.acse_timeout)
+        if failure is not None:
+            requestor = event.assoc.requestor
+            log.warning(
+                "TLS handshake failed",
+                reason=failure,
+                peer=f"{requestor.address}:{requestor.port}",
+            )
+            return
+        sock.settimeout(self.settings.network_timeout)
+
     def _on_requested(self, event: Event) -> None:
-        """Reject peers outside the allowlists before any negotiation happens."""
+        """Reject peers outside the allowlists, and any beyond the association limit,
+        before any negotiation happens."""
         requestor = event.assoc.requestor
         primitive = requestor.primitive  # requestor.ae_title is only set after negotiation
         calling_ae = _text_ae(primitive.calling_ae_title if primitive else None)
         reason = self.allowlist.refusal(calling_ae, requestor.address)
         if reason is None:
+            reason = self._over_limit()
+        if reason is None:
             return
-        reject = REJECT_CALLING_AE if reason.startswith("calling") else REJECT_HOST
+        reject = {"calling": REJECT_CALLING_AE, "peer": REJECT_HOST}.get(
+            reason.split()[0], REJECT_LIMIT
+        )
         event.assoc.acse.send_reject(*reject)
         log.warning(
             "association rejected",
@@ -158,6 +245,13 @@ class Listener:
             peer=f"{requestor.address}:{requestor.port}",
         )
         self._audit_rejection(reason, calling_ae, requestor.address)
+
+    def _over_limit(self) -> str | None:
+        """pynetdicom would refuse too, but silently; this says so in the log."""
+        acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+        if len(acceptors) <= self.settings.max_associations:  # this one is counted
+            return None
+        return f"local limit exceeded: {self.settings.max_associations} associations"
 
     def _audit_rejection(self, reason: str, calling_ae: str, address: str) -> None:
         try:

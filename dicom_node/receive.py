@@ -4,12 +4,18 @@ This is the body of the C-STORE handler, kept free of pynetdicom so it can be te
 and benchmarked on its own. Order matters, because the sender deletes or forgets its
 copy once we answer Success (0x0000):
 
+0. data set within ``[node]
+   max_dataset_bytes``?                no  → 0xA700, nothing kept
 1. enough free disk?                  no  → 0xA700 (sender retries later)
 2. a complete, well-formed data set?  no  → 0xC210, bytes kept in ``quarantine/``
 3. UIDs present, SOP Class as in
    the C-STORE request?                no  → 0xC212 / 0xA900, bytes quarantined
    (an Affected SOP Instance UID that differs from the data set's is logged; the
    instance is indexed under the data set's own UID)
+3b. declared image (Rows, Columns,
+   decoded bytes) within ``[node]
+   max_image_*``?                      no  → 0xC214, nothing kept (header only: a small
+                                             compressed stream may declare gigabytes)
 4. file durable in the spool?          no  → 0xA700 if the disk is full, else 0xC213
 5. rows committed (study, series,
    instance, job, audit) in one
@@ -57,6 +63,31 @@ class StoreStatus(enum.IntEnum):
     DATABASE_UNAVAILABLE = 0xC211
     INVALID_IDENTIFIERS = 0xC212
     SPOOL_WRITE_FAILED = 0xC213
+    IMAGE_TOO_LARGE = 0xC214
+
+
+@dataclass(frozen=True)
+class ReceiveLimits:
+    """What one C-STORE may be (``[node]`` max_* keys); defaults fit any real CXR."""
+
+    max_dataset_bytes: int = 1024**3
+    max_rows: int = 8192
+    max_columns: int = 8192
+    max_pixel_bytes: int = 1024**3
+
+    def dataset_refusal(self, size: int) -> str | None:
+        if size > self.max_dataset_bytes:
+            return f"data set {size} bytes > limit {self.max_dataset_bytes}"
+        return None
+
+    def image_refusal(self, header: InstanceHeader) -> str | None:
+        """Why the declared image is too large, checked before anything decodes it."""
+        rows, columns = header.rows or 0, header.columns or 0
+        if rows > self.max_rows or columns > self.max_columns:
+            return f"image {rows}x{columns} > limit {self.max_rows}x{self.max_columns}"
+        if header.pixel_bytes > self.max_pixel_bytes:
+            return f"decoded pixels {header.pixel_bytes} bytes > limit {self.max_pixel_bytes}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -110,10 +141,12 @@ class StoreService:
         min_free_bytes: int,
         actor: str = "listener",
         on_queued: Callable[[], None] | None = None,
+        limits: ReceiveLimits | None = None,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
         self.min_free_bytes = min_free_bytes
+        self.limits = limits or ReceiveLimits()
         self.actor = actor
         # Wakes an in-process worker as soon as a job is committed: without it, a job
         # would wait for the worker's next poll, which is pure added latency.
@@ -139,6 +172,9 @@ class StoreService:
         return result
 
     def _store(self, incoming: IncomingInstance) -> StoreResult:
+        too_large = self.limits.dataset_refusal(len(incoming.dataset))
+        if too_large:
+            return self._over_limit(incoming, StoreStatus.OUT_OF_RESOURCES, too_large)
         refusal = self._check_space(incoming)
         if refusal:
             return refusal
@@ -149,6 +185,9 @@ class StoreService:
         mismatch = _identifier_problem(header, incoming)
         if mismatch:
             return self._refuse(incoming, *mismatch)
+        too_large = self.limits.image_refusal(header)
+        if too_large:
+            return self._over_limit(incoming, StoreStatus.IMAGE_TOO_LARGE, too_large)
         if header.sop_instance_uid != incoming.sop_instance_uid:
             log.warning(
                 "SOP Instance UID of the data set differs from the C-STORE request; "
@@ -210,6 +249,19 @@ class StoreService:
         return StoreResult(
             StoreStatus.SUCCESS, "", result.disposition, result.instance_id, spooled.sha256
         )
+
+    def _over_limit(
+        self, incoming: IncomingInstance, status: StoreStatus, reason: str
+    ) -> StoreResult:
+        """A well-formed object beyond a configured limit: refused, logged, not kept
+        (quarantining gigabytes would fill the disk the limit is there to protect)."""
+        log.error(
+            "refusing C-STORE: over a configured limit",
+            status=f"0x{status:04X}",
+            reason=reason,
+            **incoming.log_fields(),
+        )
+        return StoreResult(status, reason[:64])
 
     def _refuse(self, incoming: IncomingInstance, status: StoreStatus, reason: str) -> StoreResult:
         """Answer with a failure and keep the offending bytes for a human to look at."""

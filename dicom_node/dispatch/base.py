@@ -11,7 +11,7 @@ A destination is one ``[[destinations]]`` table::
     calling_ae_title = "CXR_AI_OUT"  # optional; default is our node's AE title
     timeout_s = 30                 # default for every timeout below
     # acse_timeout_s / dimse_timeout_s / network_timeout_s / connect_timeout_s: overrides
-    # [destinations.tls] is reserved for DICOM TLS (PS3.15 Annex B); not supported yet
+    # [destinations.tls]: DICOM TLS (PS3.15 Annex B), see TlsOptions
 
 Adding a destination kind (HL7 MLLP, DICOMweb STOW-RS…) is adding one module that
 implements :class:`TargetType` and calls :func:`register` — the pattern of mercure's
@@ -21,6 +21,7 @@ the outbox that calls a sender decides about retries from data, not from excepti
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydicom.dataset import Dataset
+
+from dicom_node.tls import ClientContext, client_context, describe_error, readable_file
 
 DEFAULT_TYPE = "dicom"
 
@@ -80,7 +83,14 @@ def validate_ae_title(value: str) -> str:
 
 
 class TlsOptions(BaseModel):
-    """``[destinations.tls]``: reserved for DICOM TLS (PS3.15 Annex B); not implemented."""
+    """``[destinations.tls]``: DICOM TLS (PS3.15 Annex B) to this destination.
+
+    The peer's certificate is verified against ``ca_file`` (default: the system's trust
+    store) and must name ``server_name`` (default: ``host``); ``cert_file`` and
+    ``key_file`` are our client certificate, for peers that require one. Files are
+    checked when the configuration is loaded and read again for every association, so
+    renewed certificates are picked up without a restart.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -88,12 +98,30 @@ class TlsOptions(BaseModel):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    server_name: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _not_yet(self) -> TlsOptions:
-        if self.enabled:
-            raise ValueError("TLS destinations are not supported yet (set enabled = false)")
+    def _usable(self) -> TlsOptions:
+        if not self.enabled:
+            return self
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file, key_file: give both or neither")
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            if path is not None:
+                try:
+                    readable_file(path)
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
+        try:
+            self.context()
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot load certificate, key or CA: {describe_error(exc)}") from None
         return self
+
+    def context(self) -> ClientContext:
+        """A fresh client context from the files (raises ``ssl.SSLError``/``OSError``)."""
+        return client_context(self.ca_file, self.cert_file, self.key_file)
 
 
 class Destination(BaseModel):
@@ -107,6 +135,10 @@ class Destination(BaseModel):
     host: str | None = Field(None, min_length=1)
     port: int | None = Field(None, ge=1, le=65535)
     calling_ae_title: str | None = None
+    # type = "hl7": MSH-4 sending facility, MSH-5/MSH-6 receiving application/facility
+    sending_facility: str | None = None
+    receiving_application: str | None = None
+    receiving_facility: str | None = None
     timeout_s: float = Field(30.0, gt=0, description="Default for every timeout, seconds.")
     acse_timeout_s: float | None = Field(None, gt=0)
     dimse_timeout_s: float | None = Field(None, gt=0)

@@ -50,6 +50,7 @@ from dicom_node.dispatch.base import (
     SendResult,
     register,
 )
+from dicom_node.tls import ClientContext
 
 LOG = logging.getLogger(__name__)
 
@@ -294,6 +295,7 @@ class _Watch:
     connected: bool = False
     pdus_received: int = 0
     rejection: str | None = None
+    tls: ClientContext | None = None  # holds why the TLS handshake failed, if it did
     handlers: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -353,12 +355,16 @@ def _associate(
     """Open an association; on failure, the reason as a result instead of an exception."""
     watch = _Watch()
     try:
+        tls_args = _tls_args(destination)
+        if tls_args is not None:
+            watch.tls = tls_args[0]
         assoc = _make_ae(destination, our_ae_title).associate(
             str(destination.host),
             int(destination.port or 0),
             contexts=contexts,
             ae_title=str(destination.ae_title),
             evt_handlers=watch.handlers,
+            tls_args=tls_args,
         )
     except Exception as exc:  # e.g. a host name that does not resolve, a bad AE title
         return None, _failure(
@@ -367,6 +373,15 @@ def _associate(
     if assoc.is_established:
         return assoc, None
     return None, _association_failure(assoc, watch, destination)
+
+
+def _tls_args(destination: Destination) -> tuple[ClientContext, str] | None:
+    """pynetdicom's ``tls_args``: a fresh context (certificates re-read) and the name
+    the peer's certificate must carry. Unreadable files raise: a connection failure."""
+    tls = destination.tls
+    if not tls.enabled:
+        return None
+    return tls.context(), tls.server_name or str(destination.host)
 
 
 def _peer(destination: Destination) -> str:
@@ -383,6 +398,10 @@ def _association_failure(assoc: Association, watch: _Watch, destination: Destina
     """
     peer = _peer(destination)
     response = assoc.acceptor.primitive
+    if watch.tls is not None and watch.tls.failure is not None:
+        return _failure(
+            "connection", f"TLS handshake with {peer} failed: {watch.tls.failure}", True
+        )
     if not watch.connected:
         return _failure(
             "connection",
