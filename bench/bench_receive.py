@@ -195,6 +195,7 @@ def main() -> int:
         "DICOM_NODE_HOME": str(node_home),
         "DICOM_NODE_HOST": "127.0.0.1",
         "DICOM_NODE_PORT": str(node_port),
+        "DICOM_NODE_HTTP_PORT": "0",
         "DICOM_NODE_NODE__MAX_PDU_SIZE": str(MAX_PDU),
         "DICOM_NODE_STORAGE__DURABLE_WRITES": "true",
     }

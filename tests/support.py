@@ -232,6 +232,7 @@ class NodeProcess:
                 "DICOM_NODE_DATABASE_URL": self.database_url,
                 "DICOM_NODE_HOST": "127.0.0.1",
                 "DICOM_NODE_PORT": str(self.port),
+                "DICOM_NODE_HTTP_PORT": "0",  # any free port: tests run side by side
                 "DICOM_NODE_AE_TITLE": NODE_AE,
                 "DICOM_NODE_NODE__HEARTBEAT_INTERVAL": "1",
             }

@@ -1,0 +1,7 @@
+"""The node's HTTP API, Prometheus metrics and read-only dashboard (``[http]``)."""
+
+from dicom_node.api.app import create_app
+from dicom_node.api.auth import ApiToken, resolve_token
+from dicom_node.api.service import HttpService
+
+__all__ = ["ApiToken", "HttpService", "create_app", "resolve_token"]

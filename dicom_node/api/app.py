@@ -1,0 +1,239 @@
+"""The HTTP API of a node: health, status, worklist, studies, retries, metrics, dashboard.
+
+``create_app`` builds a FastAPI application over the node's database and spool; the node
+serves it with uvicorn (:mod:`dicom_node.api.service`), tests may drive it directly.
+Every route but ``/healthz`` and the dashboard's static shell needs the bearer token
+(:mod:`dicom_node.api.auth`), ``/metrics`` included — Prometheus sends it with
+``authorization: {credentials_file: …}``. Routes are plain ``def`` functions: FastAPI
+runs them in its thread pool, so database work never blocks the event loop.
+
+The schema is at ``/openapi.json``; the interactive docs pages are off because they load
+their scripts from a CDN, which a hospital network usually cannot (and should not) reach.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import __version__
+from dicom_node.api import heatmap
+from dicom_node.api.auth import ApiToken, RequireToken
+from dicom_node.api.metrics import ModelInfo, configured_models, make_registry
+from dicom_node.api.schemas import (
+    Health,
+    Priority,
+    Problem,
+    RetriedJob,
+    StatusReport,
+    StudyDetail,
+    Worklist,
+    WorklistStudy,
+)
+from dicom_node.api.studies import study_detail, study_url
+from dicom_node.config import Settings
+from dicom_node.logs import get_logger
+from dicom_node.status import collect_status
+from storage import queue
+from storage.db import ping, session_scope
+from storage.models import Job, Result
+from storage.spool import Spool
+from storage.worklist import DEFAULT_LIMIT, worklist
+
+log = get_logger(__name__)
+
+ACTOR = "api"
+MAX_ID = 2**63 - 1
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+PNG = "image/png"
+_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem}}
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What the routes need of the node."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    spool: Spool
+    registry: CollectorRegistry
+
+
+def create_app(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    token: ApiToken,
+    *,
+    models: list[ModelInfo] | None = None,
+) -> FastAPI:
+    """The application; ``models`` defaults to the configured bundles' metadata."""
+    app = FastAPI(
+        title="cxr-ai-node",
+        version=__version__,
+        summary="Worklist, results and health of a chest radiograph screening node.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    models = configured_models(settings.inference) if models is None else models
+    app.state.context = ApiContext(settings, sessions, spool, make_registry(sessions, models))
+    app.include_router(_public)
+    app.include_router(_private, dependencies=[Depends(RequireToken(token))], responses=_ERRORS)
+    static = resources.files("dicom_node.api") / "static"
+    app.mount("/dashboard", StaticFiles(directory=str(static), html=True), name="dashboard")
+    return app
+
+
+def _context(request: Request) -> ApiContext:
+    context: ApiContext = request.app.state.context
+    return context
+
+
+def _session(context: Annotated[ApiContext, Depends(_context)]) -> Iterator[Session]:
+    with session_scope(context.sessions) as session:
+        yield session
+
+
+Context = Annotated[ApiContext, Depends(_context)]
+Db = Annotated[Session, Depends(_session)]
+
+_public = APIRouter()
+_private = APIRouter()
+
+
+@_public.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/dashboard/")
+
+
+@_public.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": Health}},
+    summary="Liveness and database reachability (no token needed).",
+)
+def healthz(context: Context) -> Any:
+    engine = context.sessions.kw["bind"]
+    try:
+        ping(engine)
+    except SQLAlchemyError as exc:
+        log.warning("health check: database unreachable", error=str(exc).splitlines()[0][:200])
+        body = Health(status="unavailable", database=False)
+        return JSONResponse(body.model_dump(), status_code=503)
+    return Health(status="ok", database=True)
+
+
+@_private.get("/api/status", response_model=StatusReport, summary="The `dicom-node status` report.")
+def status(context: Context) -> dict[str, Any]:
+    return collect_status(context.settings)
+
+
+@_private.get(
+    "/api/worklist",
+    response_model=Worklist,
+    summary="Studies by priority (STAT first), then arrival (oldest first).",
+)
+def get_worklist(
+    session: Db,
+    since: Annotated[
+        datetime | None, Query(description="Studies that received an image at or after this.")
+    ] = None,
+    priority: Annotated[
+        list[Priority] | None, Query(description="Keep these levels (repeat the parameter).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = DEFAULT_LIMIT,
+) -> Worklist:
+    entries = worklist(session, since=_utc(since), priorities=priority, limit=limit)
+    studies = [
+        WorklistStudy.model_validate({**e.as_dict(), "url": study_url(e.study_instance_uid)})
+        for e in entries
+    ]
+    return Worklist(generated_at=datetime.now(UTC), studies=studies)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """Naive times are taken as UTC; times that do not exist in UTC are a client error."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise HTTPException(422, detail="since is out of range") from None
+
+
+@_private.get(
+    "/api/studies/{study_uid}",
+    response_model=StudyDetail,
+    responses={404: {"model": Problem}},
+    summary="A study: findings per image, jobs, sends and heatmap links.",
+)
+def get_study(
+    session: Db, study_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)]
+) -> StudyDetail:
+    detail = study_detail(session, study_uid)
+    if detail is None:
+        raise HTTPException(404, detail="no such study")
+    return detail
+
+
+@_private.get(
+    "/api/results/{result_id}/heatmap.png",
+    response_class=Response,
+    responses={200: {"content": {PNG: {}}}, 404: {"model": Problem}},
+    summary="PNG thumbnail of a result's heatmap secondary capture.",
+)
+def get_heatmap(
+    context: Context,
+    session: Db,
+    result_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    size: Annotated[int, Query(ge=32, le=2048)] = heatmap.DEFAULT_SIZE,
+) -> Response:
+    result = session.get(Result, result_id)
+    if result is None or result.sc_path is None or result.purged_at is not None:
+        raise HTTPException(404, detail="no heatmap for this result")
+    path = context.spool.path_of(result.sc_path)
+    if not path.is_file():
+        raise HTTPException(404, detail="heatmap no longer in the spool")
+    png = heatmap.render_png(path, size)
+    return Response(png, media_type=PNG, headers={"Cache-Control": "private, max-age=300"})
+
+
+@_private.post(
+    "/api/jobs/{job_id}/retry",
+    response_model=RetriedJob,
+    responses={404: {"model": Problem}, 409: {"model": Problem}},
+    summary="Re-queue a failed or skipped job (audited with actor `api`).",
+)
+def retry_job(session: Db, job_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> RetriedJob:
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise HTTPException(404, detail="no such job")
+    previous = job.state
+    try:
+        queue.requeue(session, job, actor=ACTOR)
+    except queue.InvalidTransition as exc:
+        raise HTTPException(409, detail=str(exc)) from None
+    log.info("job re-queued", job_id=job.id, previous_state=previous.value, actor=ACTOR)
+    return RetriedJob(id=job.id, state=job.state.value, previous_state=previous.value)
+
+
+@_private.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    summary="Prometheus metrics (text format).",
+)
+def metrics(context: Context) -> Response:
+    return Response(generate_latest(context.registry), media_type=CONTENT_TYPE_LATEST)
