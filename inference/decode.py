@@ -8,6 +8,7 @@ The result is a float32 image in [0, 1] where brighter means more attenuation.
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import tempfile
@@ -17,11 +18,18 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import _get_jpg_parameters  # SOF parser of the decoders we use
 
 # Percentiles used when an image carries no VOI: avoids a few saturated pixels (collimator
 # edges, burned-in markers) compressing the whole anatomy into a handful of grey levels.
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 GDCM_TIMEOUT_S = 120
+# Most bytes a decoder may allocate for one image's pixels (all frames): 8 times a large
+# 4k × 4k 16-bit radiograph. A small compressed stream can declare any size.
+MAX_DECODED_BYTES = 1024**3
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+_STREAM_HEADER_SCAN = 4096
 
 
 class DecodeError(Exception):
@@ -36,10 +44,15 @@ class DecodedImage:
     decoder: str  # which decoder produced the pixels
 
 
-def decode(ds: Dataset) -> DecodedImage:
-    """Decode ``ds`` to a display-ready image, or raise :class:`DecodeError`."""
+def decode(ds: Dataset, max_bytes: int = MAX_DECODED_BYTES) -> DecodedImage:
+    """Decode ``ds`` to a display-ready image, or raise :class:`DecodeError`.
+
+    Images whose header or compressed stream declares more than ``max_bytes`` of pixels
+    are refused before any decoder runs (a decompression bomb is a few kilobytes).
+    """
     if "PixelData" not in ds:
         raise DecodeError("no Pixel Data in the dataset")
+    check_declared_size(ds, max_bytes)
     raw, decoder = _raw_pixels(ds)
     if raw.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
         raw = raw[0]  # multi-frame: the first frame is the radiograph
@@ -50,6 +63,70 @@ def decode(ds: Dataset) -> DecodedImage:
     if photometric == "MONOCHROME1":
         display = 1.0 - display
     return DecodedImage(display, *_spacing(ds), decoder)
+
+
+def check_declared_size(ds: Dataset, max_bytes: int = MAX_DECODED_BYTES) -> None:
+    """Raise :class:`DecodeError` if decoding ``ds`` would allocate more than ``max_bytes``.
+
+    Both sizes a decoder may trust are checked: the image attributes (Rows × Columns ×
+    Samples × Frames × Bits Allocated) and, for encapsulated data, the dimensions in the
+    first fragment's JPEG SOF or JPEG 2000 SIZ marker, which can differ from them.
+    """
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise DecodeError("Rows, Columns or Bits Allocated missing or invalid") from None
+    declared = rows * columns * samples * frames * max(bits, 8) // 8
+    if declared > max_bytes:
+        raise DecodeError(
+            f"image declares {declared} bytes of pixels ({rows}x{columns}, {frames} frames), "
+            f"more than {max_bytes}"
+        )
+    shape = _stream_shape(_first_fragment(ds)) if _is_encapsulated(ds) else None
+    if shape is not None:
+        height, width, components = shape
+        streamed = height * width * components * 2 * frames  # ≤ 16 bits per sample
+        if streamed > max_bytes:
+            raise DecodeError(
+                f"compressed stream declares {height}x{width}x{components} "
+                f"({streamed} bytes of pixels), more than {max_bytes}"
+            )
+
+
+def _is_encapsulated(ds: Dataset) -> bool:
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return bool(syntax is not None and syntax.is_encapsulated)
+
+
+def _first_fragment(ds: Dataset) -> bytes:
+    """The start of the first fragment after the Basic Offset Table (PS3.5 A.4)."""
+    data = bytes(ds.PixelData[: 1 << 20])
+    pos = 0
+    for index in range(2):  # the Basic Offset Table item, then the first fragment
+        if data[pos : pos + 4] != _ITEM_TAG or len(data) < pos + 8:
+            return b""
+        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if index == 1:
+            return data[pos + 8 : pos + 8 + min(length, _STREAM_HEADER_SCAN)]
+        pos += 8 + length
+    return b""
+
+
+def _stream_shape(fragment: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG/JPEG-LS SOF or a JPEG 2000 SIZ marker."""
+    if fragment.startswith(b"\xff\xd8"):
+        params = _get_jpg_parameters(fragment)
+        if "height" in params:
+            return int(params["height"]), int(params["width"]), int(params["components"])
+        return None
+    at = fragment.find(_J2K_SOC_SIZ, 0, _STREAM_HEADER_SCAN)  # raw codestream or JP2 box
+    if at < 0 or len(fragment) < at + 42:
+        return None
+    x_size, y_size, x_origin, y_origin = struct.unpack_from(">IIII", fragment, at + 8)
+    (components,) = struct.unpack_from(">H", fragment, at + 40)
+    return max(0, y_size - y_origin), max(0, x_size - x_origin), components
 
 
 def _raw_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
