@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import getpass
 import json
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -29,31 +28,11 @@ from dicom_node.cli import (
 )
 from dicom_node.config import LoggingSettings, Settings
 from dicom_node.logs import configure_logging
-from storage.worklist import DEFAULT_LIMIT, WorklistEntry, priority_levels
+from dicom_node.patient_lookup import PHI_NOTICE
+from storage.worklist import DEFAULT_LIMIT, WorklistEntry, parse_since, priority_levels
 from storage.worklist import worklist as query_worklist
 
-PHI_NOTICE = (
-    "dicom-node: showing patient names and IDs (PHI) read from the spool; "
-    "this access is recorded in the audit trail"
-)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _LEVEL_STYLE = {"STAT": "bold red", "URGENT": "yellow", "ROUTINE": "green"}
-
-
-def parse_since(value: str, now: datetime | None = None) -> datetime:
-    """``2h``, ``30m``, ``1d`` … ago, or an ISO 8601 moment (local time when naive)."""
-    match = _DURATION.match(value)
-    if match:
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
-        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
-    try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise ValueError(
-            f"--since {value!r}: give a duration (30m, 2h, 1d) or an ISO 8601 date/time"
-        ) from None
-    return moment.astimezone(UTC)  # a naive moment is taken as local time
 
 
 def worklist(

@@ -23,6 +23,10 @@ from storage.worklist import latest_spooled_files
 PURGED = "(purged)"  # retention removed every file of the study
 UNREADABLE = "(unreadable)"  # the file is missing or not DICOM
 PHI_SHOWN_EVENT = "worklist.phi_shown"
+PHI_NOTICE = (
+    "dicom-node: showing patient names and IDs (PHI) read from the spool; "
+    "this access is recorded in the audit trail"
+)
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,19 @@ No patient identifiers are read or returned here: the database does not hold the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import Instance, Job, JobState, Series, Study
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 PRIORITY_LEVELS = ("STAT", "URGENT", "ROUTINE")
 STATUSES = ("received", "running", "queued", "done", "partial", "failed", "skipped")
@@ -154,6 +158,21 @@ def priority_levels(priorities: Sequence[str] | None) -> list[str] | None:
     if unknown:
         raise ValueError(f"unknown priority {', '.join(unknown)}; use {', '.join(PRIORITY_LEVELS)}")
     return levels
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """``2h``, ``30m``, ``1d`` … ago, or an ISO 8601 moment (local time when naive)."""
+    match = _DURATION.match(value)
+    if match:
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"since {value!r}: give a duration (30m, 2h, 1d) or an ISO 8601 date/time"
+        ) from None
+    return moment.astimezone(UTC)  # a naive moment is taken as local time
 
 
 def _page(since: datetime | None, levels: list[str] | None, limit: int) -> Select[Any]:
