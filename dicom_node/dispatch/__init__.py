@@ -5,7 +5,7 @@ after ``import dicom_node.dispatch``. A future outbox (persistent queue, retries
 these senders; they keep no state of their own.
 """
 
-from dicom_node.dispatch import dicom
+from dicom_node.dispatch import dicom, hl7
 from dicom_node.dispatch.base import (
     Destination,
     SendResult,
@@ -23,6 +23,7 @@ __all__ = [
     "check_unique_names",
     "dicom",
     "get_sender",
+    "hl7",
     "register",
     "registered_types",
 ]
