@@ -139,13 +139,16 @@ def status(
     json_output: Annotated[
         bool, typer.Option("--json", help="One JSON document on stdout.")
     ] = False,
+    no_echo: Annotated[
+        bool, typer.Option("--no-echo", help="Do not C-ECHO (check) the destinations.")
+    ] = False,
 ) -> None:
-    """Listener, database, job queue and spool at a glance (exit 1 if unhealthy)."""
+    """Listener, workers, queue, throughput, destinations, models, spool (exit 1 if unhealthy)."""
     settings = load_or_exit(config)
     configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
     from dicom_node.status import collect_status
 
-    report = collect_status(settings)
+    report = collect_status(settings, echo=not no_echo)
     if json_output:
         typer.echo(json.dumps(report, default=str))
     else:
@@ -181,9 +184,46 @@ def _print_status(report: dict[str, Any]) -> None:
         table.add_row(
             "dead letters", f"[red]{dead}[/red] (dicom-node sends retry --dead)" if dead else "0"
         )
+        _add_activity_rows(table, report)
+    _add_destination_rows(table, report)
+    for model in report.get("models", []):
+        identity = f"{model['name']} {model['version']}" if model["name"] else model["error"]
+        digest = (model["sha256"] or "-")[:12]
+        table.add_row(f"model ({model['role']})", f"{identity} sha256 {digest}")
     free_gib = spool["free_bytes"] / 1024**3
     table.add_row("spool", f"{spool['path']} — {free_gib:.1f} GiB free ({spool['free_percent']} %)")
+    if spool.get("images_bytes") is not None:
+        table.add_row("spooled images", f"{spool['images_bytes'] / 1024**3:.2f} GiB")
     Console().print(table)
+
+
+def _add_activity_rows(table: Table, report: dict[str, Any]) -> None:
+    """Queue, throughput and latency, and the processes beating in the database."""
+    queue = report["queue"]
+    oldest = f", oldest waiting {queue['oldest_wait_s']:.0f} s" if queue["oldest_wait_s"] else ""
+    table.add_row("queue", f"{queue['waiting']} waiting, {queue['due']} due{oldest}")
+    for window in report["throughput"].values():
+        p50, p95 = window["latency_p50_s"], window["latency_p95_s"]
+        latency = f"latency p50 {p50:.2f} s, p95 {p95:.2f} s" if p50 is not None else "no latency"
+        table.add_row(
+            f"last {window['minutes']} min",
+            f"{window['finished']} finished ({window['per_minute']}/min), {latency}",
+        )
+    for node in report["nodes"]:
+        place = f"{node['hostname']} pid {node['pid']}"
+        beat = f"{node['state']}, last heartbeat {node['last_heartbeat']}"
+        table.add_row(node["role"], f"{place} — {beat}")
+
+
+def _add_destination_rows(table: Table, report: dict[str, Any]) -> None:
+    for name, check in report.get("destinations", {}).items():
+        if check["reachable"] is None:
+            text = "not checked"
+        elif check["reachable"]:
+            text = f"[green]reachable[/green] ({check['latency_ms']:.0f} ms)"
+        else:
+            text = f"[red]{check['category']}[/red]: {check['message']}"
+        table.add_row(f"destination {name}", text)
 
 
 def _shown(value: object) -> str:
@@ -484,6 +524,14 @@ from dicom_node.cli_worklist import worklist  # noqa: E402
 
 app.command()(worker)
 app.command()(worklist)
+
+from dicom_node.cli_destinations import destinations_app  # noqa: E402
+from dicom_node.cli_jobs import jobs_app  # noqa: E402
+from dicom_node.cli_models import models_app  # noqa: E402
+
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+app.add_typer(destinations_app, name="destinations")
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -222,6 +222,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_claim", "state", "available_at", "priority"),
         Index("ix_jobs_finished", "state", "finished_at"),
+        Index("ix_jobs_state", "state"),  # status: counts per state, index-only
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -264,7 +265,10 @@ class Result(Base):
     """
 
     __tablename__ = "results"
-    __table_args__ = (UniqueConstraint("instance_id", "pipeline", "model_key"),)
+    __table_args__ = (
+        UniqueConstraint("instance_id", "pipeline", "model_key"),
+        Index("ix_results_status", "status"),  # status: counts per status, index-only
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
@@ -300,6 +304,7 @@ class Send(Base):
     __table_args__ = (
         UniqueConstraint("destination", "sop_instance_uid"),
         Index("ix_sends_claim", "state", "next_attempt_at"),
+        Index("ix_sends_destination_state", "destination", "state"),  # status, index-only
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -338,8 +343,8 @@ class AuditEvent(Base):
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     kind: Mapped[str] = mapped_column(String(64), index=True)
     actor: Mapped[str] = mapped_column(String(64))
-    instance_id: Mapped[int | None] = mapped_column(BigInteger)
-    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    instance_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    job_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
     calling_ae: Mapped[str | None] = mapped_column(String(AE_LENGTH))
     peer_address: Mapped[str | None] = mapped_column(String(64))

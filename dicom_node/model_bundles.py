@@ -1,0 +1,85 @@
+"""The model bundles this configuration runs, described from their manifests alone.
+
+``status`` and ``dicom-node models list`` report name, version, role, the thresholds in
+force (the bundle's validated ones, overridden by ``[inference]``), the weights' sha256
+as the manifest declares it and the size of the hashed files — without loading a
+network, so neither imports torch. ``dicom-node models verify`` re-hashes the files
+(:func:`inference.manifest.check_files`): the engine does the same at every load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import Settings
+from inference.manifest import (
+    CONFIRM_BUNDLE,
+    SCREEN_BUNDLE,
+    WEIGHTS,
+    BundleError,
+    hashed_size,
+    read_metadata,
+)
+
+
+@dataclass(frozen=True)
+class ConfiguredBundle:
+    """One bundle slot of the cascade: its role, where it lies, the threshold override."""
+
+    role: str  # "screen" | "confirm"
+    path: Path
+    threshold_override: float | None
+
+
+def configured_bundles(settings: Settings) -> list[ConfiguredBundle]:
+    """Screen then confirm, as ``[inference]`` sets them (default: the shipped bundles)."""
+    inference = settings.inference
+    return [
+        ConfiguredBundle(
+            "screen", inference.screen_bundle or SCREEN_BUNDLE, inference.screen_threshold
+        ),
+        ConfiguredBundle(
+            "confirm", inference.confirm_bundle or CONFIRM_BUNDLE, inference.confirm_threshold
+        ),
+    ]
+
+
+def describe(bundle: ConfiguredBundle) -> dict[str, Any]:
+    """JSON-ready description; ``error`` says why a bundle cannot be read."""
+    entry: dict[str, Any] = {
+        "role": bundle.role,
+        "path": str(bundle.path),
+        "name": None,
+        "version": None,
+        "sha256": None,
+        "thresholds": {},
+        "size_bytes": None,
+        "error": None,
+    }
+    try:
+        meta = read_metadata(bundle.path)
+    except BundleError as exc:
+        entry["error"] = str(exc)
+        return entry
+    thresholds = {name: float(value) for name, value in meta.get("thresholds", {}).items()}
+    if bundle.threshold_override is not None:  # as InferenceSettings.cascade_kwargs does
+        thresholds = {**thresholds, "pneumonia": bundle.threshold_override}
+    entry.update(
+        {
+            "name": meta.get("name"),
+            "version": meta.get("version"),
+            "sha256": meta.get("sha256", {}).get(WEIGHTS),
+            "thresholds": thresholds,
+            "threshold_overridden": bundle.threshold_override is not None,
+            "size_bytes": hashed_size(bundle.path, meta),
+        }
+    )
+    if meta.get("role") not in (None, bundle.role):
+        entry["error"] = f"bundle role is {meta['role']!r}, configured as {bundle.role!r}"
+    return entry
+
+
+def describe_all(settings: Settings) -> list[dict[str, Any]]:
+    return [describe(bundle) for bundle in configured_bundles(settings)]
