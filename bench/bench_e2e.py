@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -217,6 +218,86 @@ def start_node(
     return node
 
 
+def peak_rss_mib(pid: int) -> dict[str, float]:
+    """Resident memory of a running process from /proc: now (VmRSS) and its peak since
+    start (VmHWM), MiB — read just before the node stops, VmHWM covers the whole run."""
+    figures = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            figures[key] = round(int(value.split()[0]) / 1024, 1)  # kB
+    return {"rss_mib": figures["VmRSS"], "peak_rss_mib": figures["VmHWM"]}
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run(
+    images: int = 50,
+    burst: int = 100,
+    warmup: int = 3,
+    database_url: str | None = None,
+    screen_bundle: Path | None = None,
+    confirm_bundle: Path | None = None,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Latency and burst runs against a fresh Orthanc and node; the report as a dict
+    (``bench/run_all.py`` calls it). Besides the figures it reports the node's resident
+    memory with both models loaded and the spool's bytes per image (disk sizing)."""
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    database_url = database_url or f"sqlite:///{work / 'node.db'}"
+    print(f"preparing {ROWS}×{COLUMNS} 16-bit DX images …", file=sys.stderr)
+    bases = templates()
+    with run_orthanc(work / "orthanc") as orthanc:
+        bundles = {
+            key: path
+            for key, path in (
+                ("screen_bundle", screen_bundle),
+                ("confirm_bundle", confirm_bundle),
+            )
+            if path is not None
+        }
+        node = start_node(work, orthanc, database_url, bundles)
+        try:
+            sender, outbox = Sender(node.port), Outbox(database_url, orthanc)
+            latency_run(sender, outbox, bases, warmup)
+            print(f"latency: {images} images, one at a time …", file=sys.stderr)
+            latencies = latency_run(sender, outbox, bases, images)
+            print(f"throughput: a burst of {burst} …", file=sys.stderr)
+            burst_figures = burst_run(sender, outbox, bases, burst)
+            assert node.proc is not None
+            memory = peak_rss_mib(node.proc.pid)
+        finally:
+            node.stop()
+        received = warmup + images + burst
+        report: dict[str, Any] = {
+            "cpu_count": os.cpu_count(),
+            "image": f"{ROWS}x{COLUMNS} 16-bit DX, uncompressed",
+            "latency_s": {
+                "n": len(latencies),
+                "p50": round(statistics.median(latencies), 3),
+                "p95": round(percentile(latencies, 95), 3),
+                "mean": round(statistics.fmean(latencies), 3),
+                "max": round(max(latencies), 3),
+            },
+            "burst": burst_figures,
+            "node_memory": memory,
+            "spool_bytes_per_image": round(disk_bytes(node.spool) / received),
+            "orthanc_instances": len(orthanc.instances()),
+        }
+    report["targets_met"] = {
+        "p50": report["latency_s"]["p50"] <= TARGET_P50_S,
+        "p95": report["latency_s"]["p95"] <= TARGET_P95_S,
+        "images_per_minute": burst_figures["images_per_minute"] >= TARGET_PER_MIN,
+    }
+    if not keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50, help="sequential images")
@@ -228,55 +309,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    database_url = args.database_url or f"sqlite:///{work / 'node.db'}"
-    print(f"preparing {ROWS}×{COLUMNS} 16-bit DX images …", file=sys.stderr)
-    bases = templates()
-    with run_orthanc(work / "orthanc") as orthanc:
-        bundles = {
-            key: path
-            for key, path in (
-                ("screen_bundle", args.screen_bundle),
-                ("confirm_bundle", args.confirm_bundle),
-            )
-            if path is not None
-        }
-        node = start_node(work, orthanc, database_url, bundles)
-        try:
-            sender, outbox = Sender(node.port), Outbox(database_url, orthanc)
-            latency_run(sender, outbox, bases, args.warmup)
-            print(f"latency: {args.images} images, one at a time …", file=sys.stderr)
-            latencies = latency_run(sender, outbox, bases, args.images)
-            print(f"throughput: a burst of {args.burst} …", file=sys.stderr)
-            burst = burst_run(sender, outbox, bases, args.burst)
-        finally:
-            node.stop()
-        report = {
-            "cpu_count": os.cpu_count(),
-            "image": f"{ROWS}x{COLUMNS} 16-bit DX, uncompressed",
-            "latency_s": {
-                "n": len(latencies),
-                "p50": round(statistics.median(latencies), 3),
-                "p95": round(percentile(latencies, 95), 3),
-                "mean": round(statistics.fmean(latencies), 3),
-                "max": round(max(latencies), 3),
-            },
-            "burst": burst,
-            "orthanc_instances": len(orthanc.instances()),
-        }
-    report["targets_met"] = {
-        "p50": report["latency_s"]["p50"] <= TARGET_P50_S,
-        "p95": report["latency_s"]["p95"] <= TARGET_P95_S,
-        "images_per_minute": burst["images_per_minute"] >= TARGET_PER_MIN,
-    }
+    report = run(
+        args.images,
+        args.burst,
+        args.warmup,
+        args.database_url,
+        args.screen_bundle,
+        args.confirm_bundle,
+        args.keep,
+    )
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     return 0 if all(report["targets_met"].values()) else 1
 
 

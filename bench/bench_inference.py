@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -55,6 +56,42 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def run(
+    threads: int = 2, repeats: int = 15, device: str = "cpu", batch: int = 32
+) -> dict[str, Any]:
+    """Medians of each stage on one large DX; on CUDA also images/s of ``analyze`` on a
+    batch of ``batch`` images (``bench/run_all.py`` calls it)."""
+    torch.set_num_threads(threads)
+    ds = large_dx()
+    cascade = Cascade.load(device=device)
+    screen = cascade.screen.network
+    x = to_network_input(decode(ds).pixels)[None].to(device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            screen(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    results: dict[str, Any] = {
+        "device": device,
+        "threads": threads,
+        "image": f"{COLS}x{ROWS} 16-bit",
+        "preprocess_ms": median_ms(lambda: to_network_input(decode(ds).pixels), repeats),
+        "mobilenet_forward_ms": median_ms(forward, repeats * 2),
+        "mobilenet_gradcam_ms": median_ms(lambda: explain.grad_cam(screen, x), repeats),
+        "analyze_ms": median_ms(lambda: cascade.analyze([ds]), repeats),
+    }
+    results["gradcam_over_forward"] = (
+        results["mobilenet_gradcam_ms"] / results["mobilenet_forward_ms"]
+    )
+    if device.startswith("cuda"):
+        images = [ds] * batch
+        ms = median_ms(lambda: cascade.analyze(images), 5)
+        results[f"batch{batch}_images_per_s"] = batch / (ms / 1000)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -62,34 +99,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    ds = large_dx()
-    cascade = Cascade.load(device=args.device)
-    screen = cascade.screen.network
-    x = to_network_input(decode(ds).pixels)[None].to(args.device)
-
-    def forward() -> None:
-        with torch.inference_mode():
-            screen(x)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    results = {
-        "device": args.device,
-        "threads": args.threads,
-        "image": f"{COLS}x{ROWS} 16-bit",
-        "preprocess_ms": median_ms(lambda: to_network_input(decode(ds).pixels), args.repeats),
-        "mobilenet_forward_ms": median_ms(forward, args.repeats * 2),
-        "mobilenet_gradcam_ms": median_ms(lambda: explain.grad_cam(screen, x), args.repeats),
-        "analyze_ms": median_ms(lambda: cascade.analyze([ds]), args.repeats),
-    }
-    results["gradcam_over_forward"] = (
-        results["mobilenet_gradcam_ms"] / results["mobilenet_forward_ms"]
-    )
-    if args.device.startswith("cuda"):
-        batch = [ds] * 32
-        ms = median_ms(lambda: cascade.analyze(batch), 5)
-        results["batch32_images_per_s"] = 32 / (ms / 1000)
+    results = run(args.threads, args.repeats, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     for key, value in results.items():

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -172,19 +173,15 @@ def send(port: int, called_ae: str, files: list[Path]) -> float:
     return elapsed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--images", type=int, default=30)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    args = parser.parse_args()
-
+def run(rounds: int = 5, count: int = 30, keep: bool = False) -> dict[str, Any]:
+    """Send ``count`` images to both receivers in ``rounds`` alternating rounds; the
+    medians, their ratio and whether it meets the target (``bench/run_all.py`` calls it)."""
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
     images, node_home, bare_out = work / "images", work / "node", work / "storescp"
     for path in (images, node_home, bare_out):
         path.mkdir()
-    print(f"generating {args.images} DX images {COLUMNS}x{ROWS} 16-bit in {images} …")
-    generate(images, args.images)
+    print(f"generating {count} DX images {COLUMNS}x{ROWS} 16-bit in {images} …")
+    generate(images, count)
     files = sorted(images.glob("*.dcm"))
     megabytes = sum(p.stat().st_size for p in files) / 1e6
 
@@ -224,7 +221,7 @@ def main() -> int:
     ):
         send(node_port, "CXR_AI", files[:1])  # warm-up: imports, first DB rows
         send(bare_port, "STORESCP", files[:1])
-        for round_no in range(args.rounds):
+        for round_no in range(rounds):
             order = ["node", "storescp"] if round_no % 2 == 0 else ["storescp", "node"]
             for name in order:
                 times[name].append(send(*targets[name], files))
@@ -236,16 +233,35 @@ def main() -> int:
     bare_median = statistics.median(times["storescp"])
     ratio = node_median / bare_median
     stored = len(list((node_home / "spool" / "objects").rglob("*.dcm")))
-    print(f"\n{args.images} images, {megabytes:.0f} MB per batch, {args.rounds} rounds")
+    print(f"\n{count} images, {megabytes:.0f} MB per batch, {rounds} rounds")
     print(f"node (durable)      median {node_median:.2f} s  ({megabytes / node_median:.0f} MB/s)")
     print(f"pynetdicom storescp median {bare_median:.2f} s  ({megabytes / bare_median:.0f} MB/s)")
     print(f"ratio node/storescp {ratio:.3f}  (target ≤ {TARGET_RATIO})")
     print(f"node stored {stored} objects")
-    if args.keep:
+    if keep:
         print(f"kept {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if ratio <= TARGET_RATIO else 1
+    return {
+        "images": count,
+        "rounds": rounds,
+        "megabytes_per_batch": round(megabytes, 1),
+        "node_median_s": round(node_median, 3),
+        "storescp_median_s": round(bare_median, 3),
+        "ratio": round(ratio, 3),
+        "target_ratio": TARGET_RATIO,
+        "target_met": ratio <= TARGET_RATIO,
+        "node_stored": stored,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=int, default=30)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    return 0 if run(args.rounds, args.images, args.keep)["target_met"] else 1
 
 
 if __name__ == "__main__":
