@@ -273,14 +273,21 @@ def test_pods_are_locked_down_with_writable_volumes_where_the_node_writes() -> N
             assert {"/var/lib/cxr-node/spool", "/var/lib/cxr-node", "/tmp"} <= writable, name
 
 
-def test_probes_and_resources() -> None:
-    for name, deployment in objects_of("Deployment").items():
+def test_probes_only_where_http_is_served_and_resources() -> None:
+    deployments = objects_of("Deployment")
+    (listener,) = containers(deployments["cxr-node-listener"])
+    ports = {p["name"]: p["containerPort"] for p in listener["ports"]}
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        check = listener[probe]["httpGet"]
+        assert check["path"] == "/healthz", probe
+        assert check["port"] in ports or check["port"] in ports.values()
+    # `dicom-node worker` serves no HTTP: an HTTP probe would restart it forever.
+    (worker,) = containers(deployments["cxr-node-worker"])
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert "httpGet" not in worker.get(probe, {}), probe
+    assert "ports" not in worker
+    for name, deployment in deployments.items():
         for container in containers(deployment):
-            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-                check = container[probe]["httpGet"]
-                assert check["path"] == "/healthz", f"{name} {probe}"
-                assert check["port"] in ports or check["port"] in ports.values()
             resources = container["resources"]
             assert resources["requests"]["cpu"] and resources["requests"]["memory"]
             assert "memory" in resources["limits"], f"{name}: no memory limit"
@@ -379,6 +386,8 @@ def test_compose_services_reference_what_is_defined() -> None:
     assert services["worker"]["command"] == ["worker"]
     assert services["listener"]["command"] == ["serve", "--no-workers"]
     assert services["worker"]["deploy"]["replicas"] == 2
+    # Workers serve no HTTP: the image's /healthz check would mark them unhealthy.
+    assert services["worker"]["healthcheck"] == {"disable": True}
 
 
 def test_compose_waits_on_health_checks() -> None:
