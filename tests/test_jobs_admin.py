@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +23,7 @@ from storage.queue import (
     transition,
 )
 from storage.records import record_received
+from tests.support import run
 from tests.test_storage import received
 
 
@@ -67,3 +74,56 @@ def test_requeue_failed_takes_every_failed_job(sessions: sessionmaker[Session]) 
         assert requeue_failed(s, actor="cli") == ids
     with session_scope(sessions) as s:
         assert requeue_failed(s, actor="cli") == []
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def _cli(database_url: str, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DICOM_NODE_DATABASE_URL": database_url, "DICOM_NODE_HOME": str(home)}
+    return run([sys.executable, "-m", "dicom_node", "jobs", *args], env=env, cwd=home)
+
+
+def test_jobs_list_show_and_retry_from_the_command_line(
+    tmp_path: Path, database_url: str, sessions: sessionmaker[Session]
+) -> None:
+    failed_id = _failed_job(sessions, "1.2.79.1")
+    record_received(sessions, received(uid="1.2.79.2", sha="b" * 64), actor="t")
+
+    listed = _cli(database_url, tmp_path, "list", "--state", "failed", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert (row["id"], row["state"], row["last_error"]) == (failed_id, "failed", "decoder crashed")
+    everything = json.loads(_cli(database_url, tmp_path, "list", "--json").stdout)
+    assert [r["state"] for r in everything] == ["queued", "failed"]  # newest first
+
+    shown = _cli(database_url, tmp_path, "show", str(failed_id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    assert document["instance"]["sop_instance_uid"] == "1.2.79.1"
+    assert not [key for key in document["instance"] if key.lower().startswith("patient")]
+    kinds = [event["kind"] for event in document["audit"]]
+    assert "instance.stored" in kinds and kinds[-2:] == ["job.running", "job.failed"]
+
+    retried = _cli(database_url, tmp_path, "retry", str(failed_id), "--json")
+    assert retried.returncode == 0, retried.stderr
+    assert json.loads(retried.stdout) == {"requeued": [failed_id], "refused": {}}
+    with session_scope(sessions) as s:
+        events = s.scalars(select(AuditEvent).where(AuditEvent.job_id == failed_id)).all()
+        assert events[-1].kind == "job.queued" and events[-1].actor.startswith("cli:")
+
+    again = _cli(database_url, tmp_path, "retry", str(failed_id))
+    assert again.returncode == 1
+    assert f"job {failed_id} is queued; only failed or skipped jobs can be retried" in again.stderr
+    missing = _cli(database_url, tmp_path, "show", "424242")
+    assert missing.returncode == 1 and "no job 424242" in missing.stderr
+
+
+def test_jobs_retry_failed_requeues_them_all(
+    tmp_path: Path, database_url: str, sessions: sessionmaker[Session]
+) -> None:
+    ids = [_failed_job(sessions, f"1.2.80.{i}") for i in range(2)]
+    retried = _cli(database_url, tmp_path, "retry", "--failed", "--json")
+    assert retried.returncode == 0, retried.stderr
+    assert json.loads(retried.stdout)["requeued"] == ids
+    assert _cli(database_url, tmp_path, "retry").returncode == 2  # neither ids nor --failed
