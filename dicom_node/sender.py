@@ -37,6 +37,7 @@ from storage.spool import Spool
 
 log = get_logger(__name__)
 STOP_TIMEOUT_S = 120.0
+ORPHAN_CHECKS_PER_LEASE = 4  # with several processes, a dead sender's claims return soon
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,7 @@ class Sender:
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
 
     def start(self) -> None:
-        with session_scope(self.sessions) as session:
-            recovered = outbox.recover_orphans(
-                session, socket.gethostname(), process_alive, actor=self.sender_id
-            )
-        if recovered:
-            log.warning("re-queued sends of a sender that died", sends=recovered)
+        self._recover_orphans()
         self._thread.start()
         log.info("sender started", destinations=[d.name for d in self.settings.destinations])
 
@@ -90,11 +86,25 @@ class Sender:
             self._thread.join(timeout=STOP_TIMEOUT_S)
         log.info("sender stopped")
 
+    def _recover_orphans(self) -> None:
+        """Sends claimed by dead processes on this host are due now, not after the lease."""
+        with session_scope(self.sessions) as session:
+            recovered = outbox.recover_orphans(
+                session, socket.gethostname(), process_alive, actor=self.sender_id
+            )
+        if recovered:
+            log.warning("re-queued sends of a sender that died", sends=recovered)
+
     def _run(self) -> None:
         poll = self.settings.sender.poll_interval
+        orphan_check = self.settings.sender.lease / ORPHAN_CHECKS_PER_LEASE
+        checked = time.monotonic()
         while not self._stop.is_set():
             seen = self.wakeup.mark()
             try:
+                if time.monotonic() - checked >= orphan_check:
+                    checked = time.monotonic()
+                    self._recover_orphans()  # another node process on this host may have died
                 claimed = self.run_once()
             except SQLAlchemyError as exc:
                 log.warning("outbox unavailable", error=str(exc)[:200])

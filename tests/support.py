@@ -220,6 +220,8 @@ class NodeProcess:
     # Receive tests inspect the queue, so by default nothing consumes it; the results
     # tests turn the workers on.
     workers: bool = False
+    # ("worker", "--threads", "1") runs a worker-only process (give it workers=True).
+    command: tuple[str, ...] = ("serve",)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -246,7 +248,7 @@ class NodeProcess:
 
     @property
     def stderr_path(self) -> Path:
-        return self.home / f"serve-{self.starts}.stderr"
+        return self.home / f"{self.command[0]}-{self.starts}.stderr"
 
     @property
     def spool(self) -> Path:
@@ -257,7 +259,7 @@ class NodeProcess:
         self.starts += 1
         with self.stderr_path.open("wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "serve"],
+                [sys.executable, "-m", "dicom_node", *self.command],
                 env=self.env,
                 cwd=self.home,
                 stdout=subprocess.DEVNULL,

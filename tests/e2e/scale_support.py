@@ -1,0 +1,162 @@
+"""Helpers of the scale-out and fault tests: bursts of small chest images, dcmtk's view of
+what it sent, worker processes, and a private PostgreSQL server that a test may restart.
+
+Burst images are NIH sample chest radiographs downscaled to 256×256 (the smallest matrix
+the engine's gate accepts), wrapped as DX with their real age, sex and view, and given
+fresh UIDs each time, so a burst of 200 is quick to send and every image is *scored*:
+each one must come back as exactly one SR (and one heatmap SC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.uid import generate_uid
+
+from tests.nih_dicom import dx_dataset, pick, read_labels, write
+from tests.support import NODE_AE, START_TIMEOUT_S, STORESCU, NodeProcess, free_port, run
+
+BURST_SIDE = 256
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_USER = "postgres"
+SENT_FILE = re.compile(r"Sending file: (.+)$")
+RESPONSE = re.compile(r"Received Store Response \((.+)\)")
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, *, every: float = 0.5
+) -> None:
+    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def wait_ready(process: NodeProcess, timeout: float = START_TIMEOUT_S) -> None:
+    """Until a node process has its engine loaded (its first ``worker ready`` event)."""
+
+    def ready() -> bool:
+        if process.proc is not None and process.proc.poll() is not None:
+            raise RuntimeError(f"process exited:\n{process.stderr()[-3000:]}")
+        return any(e.get("event") == "worker ready" for e in process.log_events())
+
+    wait_for(ready, timeout, "the engine to load", every=0.2)
+
+
+def chest_burst(data_dir: Path, folder: Path, count: int) -> list[Path]:
+    """``count`` small DX chest images with fresh study, series and instance UIDs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = pick(read_labels(data_dir / "nih-sample"), {"PA": 4, "AP": 4})
+    files = []
+    for index in range(count):
+        image = images[index % len(images)]
+        grey = Image.open(image.path).convert("L").resize((BURST_SIDE, BURST_SIDE))
+        ds = dx_dataset(image, np.asarray(grey, dtype=np.uint8))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        files.append(write(ds, folder / f"burst-{index:04d}.dcm"))
+    return files
+
+
+def storescu_many(
+    port: int, files: Sequence[Path], *, called_ae: str = NODE_AE
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu: every file in one association (explicit VR little endian)."""
+    return run([STORESCU, "-v", "-xe", "-aec", called_ae, "127.0.0.1", str(port), *files])
+
+
+def acknowledged(output: str) -> dict[Path, str]:
+    """File → the status dcmtk storescu reported for it, read from its verbose log.
+
+    Only files with a response appear: one sent when the association broke has none.
+    """
+    statuses: dict[Path, str] = {}
+    current: Path | None = None
+    for line in output.splitlines():
+        if sent := SENT_FILE.search(line):
+            current = Path(sent.group(1).strip())
+        elif (answer := RESPONSE.search(line)) and current is not None:
+            statuses[current] = answer.group(1)
+            current = None
+    return statuses
+
+
+# -- a private PostgreSQL server -------------------------------------------------------------
+
+
+class PrivatePostgres:
+    """A throw-away PostgreSQL cluster on a free loopback port, owned by ``postgres``.
+
+    Tests that stop or restart the database server use this one, so the shared server
+    (and every other test on it) is never disturbed.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{self.port}/postgres"
+
+    def _pg(self, *args: str, timeout: float = 120) -> None:
+        result = subprocess.run(
+            ["runuser", "-u", PG_USER, "--", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {result.stdout}\n{result.stderr}")
+
+    def init(self) -> PrivatePostgres:
+        self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", PG_USER)
+        return self
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self.root / "server.log"),
+            "start",
+        )
+
+    def restart(self) -> None:
+        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "restart")
+
+    def stop(self) -> None:
+        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+
+@contextlib.contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A running private cluster for the block; stopped and deleted afterwards."""
+    if os.geteuid() != 0 or not (PG_BIN / "initdb").exists():
+        raise RuntimeError(f"a private PostgreSQL needs root and {PG_BIN}/initdb")
+    root = Path(tempfile.mkdtemp(prefix="cxr-pg-"))
+    shutil.chown(root, PG_USER, PG_USER)
+    server = PrivatePostgres(root).init()
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
