@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import PrioritySettings
 from dicom_node.engine import Engine
 from dicom_node.logs import get_logger
+from dicom_node.notify import StudyNotifier
 from dicom_node.outputs import Output, build_outputs, write_outputs
 from dicom_node.priority import (
     StudyPriority,
@@ -107,6 +108,7 @@ class PipelineContext:
     rules: RuleSet
     equipment: Equipment
     sends_wakeup: Wakeup | None = None
+    notifier: StudyNotifier | None = None  # HL7 destinations: a message per finished study
     priority: PrioritySettings = field(default_factory=PrioritySettings)
 
 
@@ -184,7 +186,8 @@ class Pipeline:
         record = self._record(work, result, [])
         state = JobState.FAILED if result.status == ERROR else JobState.SKIPPED
         reason = result.reason or f"engine returned {result.status} without findings"
-        return _Outcome(state, reason, record)
+        # No outputs, but the rule's destinations: this job may finish a scored study.
+        return _Outcome(state, reason, record, destinations=work.decision.destinations)
 
     def _priority_with(self, work: _Work, result: ImageResult) -> StudyPriority:
         """The study's priority once this image's result counts (for the SR to report)."""
@@ -265,6 +268,8 @@ class Pipeline:
         )
         queued = 0
         for destination in outcome.destinations:
+            if self._notified(destination):
+                continue  # an HL7 destination: the study's message, not the SR and SC
             for output in outcome.outputs:
                 item = OutgoingObject(
                     destination=destination,
@@ -278,7 +283,20 @@ class Pipeline:
                 )
                 if enqueue_send(session, item, actor=self.worker_id) is not None:
                     queued += 1
+        if self.context.notifier is not None:
+            queued += self.context.notifier.study_finished(
+                session,
+                self.context.spool,
+                job_id=job.job_id,
+                instance_id=job.instance_id,
+                result_id=result_row.id,
+                destinations=outcome.destinations,
+                actor=self.worker_id,
+            )
         return queued
+
+    def _notified(self, destination: str) -> bool:
+        return self.context.notifier is not None and self.context.notifier.handles(destination)
 
     def _own_job(self, session: Session, job: ClaimedJob) -> Job | None:
         row = session.get(Job, job.job_id, with_for_update=True)

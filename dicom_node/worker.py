@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import Settings
 from dicom_node.engine import Engine, load_engine, warm_up
 from dicom_node.logs import get_logger
+from dicom_node.notify import StudyNotifier
 from dicom_node.pipeline import ClaimedJob, Pipeline, PipelineContext
 from dicom_node.processes import owner_id, process_alive
 from dicom_node.results import Equipment
@@ -103,6 +104,7 @@ class Worker:
             equipment=Equipment(station_name=settings.node.ae_title),
             sends_wakeup=sends_wakeup,
             priority=settings.priority,
+            notifier=StudyNotifier.from_settings(settings),
         )
         self.ready = threading.Event()  # set once a thread has its engine
         self._stop = threading.Event()

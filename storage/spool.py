@@ -6,8 +6,9 @@ Layout under the spool root::
     objects/      content-addressed store: objects/ab/<sha256>.dcm (256 fan-out folders,
                   created up front so that storing never has to create and sync one)
     quarantine/   bytes we refused, with a JSON note saying why, for a human to inspect
-    outputs/      objects the node made (outputs/sr/<uid>.dcm, outputs/sc/<uid>.dcm),
-                  named by their deterministic SOP Instance UID, waiting to be sent
+    outputs/      objects the node made (outputs/sr/<uid>.dcm, outputs/sc/<uid>.dcm,
+                  HL7 messages outputs/oru/<control id>.hl7), named by their
+                  deterministic SOP Instance UID or message control ID, waiting to be sent
 
 A file is written to ``tmp/``, fsync'd, renamed into ``objects/`` and the directory is
 fsync'd, so after :meth:`Spool.store` returns the bytes survive a crash or power loss
@@ -106,16 +107,19 @@ class Spool:
             raise
         return SpooledObject(relpath, final, digest, size, already_present)
 
-    def store_output(self, kind: str, name: str, chunks: Sequence[Chunk]) -> str:
-        """Durably write an output as ``outputs/<kind>/<name>.dcm``; returns its relpath.
+    def store_output(
+        self, kind: str, name: str, chunks: Sequence[Chunk], *, suffix: str = ".dcm"
+    ) -> str:
+        """Durably write an output as ``outputs/<kind>/<name><suffix>``; returns its relpath.
 
-        The name is the object's SOP Instance UID: a re-run writes the same path, and the
-        rename replaces the earlier file atomically (never a half-written object to send).
+        The name is the object's SOP Instance UID (an HL7 message's control ID): a re-run
+        writes the same path, and the rename replaces the earlier file atomically (never a
+        half-written object to send).
         """
-        if not _SAFE_NAME.fullmatch(kind) or not _SAFE_NAME.fullmatch(name):
-            raise ValueError(f"unsafe output name {kind!r}/{name!r}")
+        if not all(_SAFE_NAME.fullmatch(part) for part in (kind, name, suffix)):
+            raise ValueError(f"unsafe output name {kind!r}/{name!r}{suffix!r}")
         tmp_path, _, _ = self._write_temp(chunks)
-        relpath = f"outputs/{kind}/{name}.dcm"
+        relpath = f"outputs/{kind}/{name}{suffix}"
         final = self.root / relpath
         try:
             self._ensure_dir(final.parent)

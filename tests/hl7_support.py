@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -94,6 +95,13 @@ def ack(code: str, control_id: str, incoming: Message) -> Message:
     return message
 
 
+@dataclass(frozen=True)
+class Image:
+    path: Path
+    study_instance_uid: str
+    sop_instance_uid: str
+
+
 def chest_image(
     data_dir: Path,
     out_dir: Path,
@@ -102,9 +110,9 @@ def chest_image(
     patient_name: str = "Zzphi^Patientname^Middle^Dr^Jr",
     patient_id: str = "PHI77331",
     accession: str = "ACC|42",
-) -> tuple[Path, str]:
+) -> Image:
     """A copy of the shared CR chest image as a new image of a (new) study, with the
-    demographics a test looks for; returns its path and its SOP Instance UID."""
+    demographics a test looks for (and an accession number with a field separator)."""
     ds = pydicom.dcmread(data_dir / "dicom" / "rg1-chest-cr-mono1-j2k.dcm")
     ds.StudyInstanceUID = study_instance_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
@@ -116,7 +124,7 @@ def chest_image(
     ds.AccessionNumber = accession
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
-    return path, str(ds.SOPInstanceUID)
+    return Image(path, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
 
 
 def hl7_destination_toml(name: str, port: int, **fields: str) -> str:

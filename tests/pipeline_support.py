@@ -29,6 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings, load_settings
+from dicom_node.notify import StudyNotifier
 from dicom_node.pipeline import Pipeline, PipelineContext
 from dicom_node.receive import IncomingInstance, StoreService
 from dicom_node.results import Equipment
@@ -108,6 +109,7 @@ def make_pipeline(
         rules=settings.rule_set,
         equipment=Equipment(),
         priority=settings.priority,
+        notifier=StudyNotifier.from_settings(settings),
     )
     return Pipeline(context, engine, WORKER_ID)
 

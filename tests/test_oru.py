@@ -185,7 +185,11 @@ def test_a_study_without_priority_has_no_priority_fields() -> None:
     orc, obr, obx = order_of(message)
     assert not obr.obr_5.to_er7() and not orc.orc_7.to_er7()
     assert [er7(o.obx_3).split("^")[0] for o in obx] == [
-        "110180", "233604007", "60046008", "111001", "111003"
+        "110180",
+        "233604007",
+        "60046008",
+        "111001",
+        "111003",
     ]
 
 

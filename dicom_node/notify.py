@@ -1,0 +1,324 @@
+"""Notify the RIS when a study is finished: one HL7 ORU^R01 per ``type = "hl7"`` destination.
+
+Called by the pipeline in the transaction that finishes a job, after the study's priority
+was updated (:mod:`dicom_node.priority`). A study is *finished* when no other job of it is
+still received, queued or running; the study row is locked first, so of two workers
+finishing the last two images of a study, the one that commits second sees the other's
+job finished and sends — the study is never left without a message.
+
+The message (:mod:`dicom_node.results.oru`) is built from the database and one spooled
+file:
+
+* study UID, accession number, priority level and score from ``studies``;
+* findings from the latest scored result of each of the study's images: per finding code
+  the image with the highest probability (the strongest evidence; per-image detail is in
+  each image's SR), and the algorithm that made that call;
+* patient ID, name, birth date and sex, and the study date and time, from the study's most
+  recently received image still in the spool — the database holds no demographics.
+
+It is written durably to ``spool/outputs/oru/<control id>.hl7`` and queued in the outbox
+like the SR and SC (``kind = "oru"``, the control ID in place of a SOP Instance UID), one
+send per hl7 destination the finishing image's rule names; the sender delivers it over
+MLLP (:mod:`dicom_node.dispatch.hl7`).
+
+Again and again: every later finishing of the study (a new image of it, a re-run) builds
+the message anew. Unchanged content has the same control ID and is not queued again;
+changed content (a raised priority, a new finding) is a new message with result status C,
+correcting the earlier one. A report identical to one already queued for a destination is
+not queued again, even after a different one in between.
+
+A study that cannot be reported (its spooled files are gone or unreadable) is logged and
+skipped: the job and its DICOM results are not held back for the notification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pydicom
+from hl7apy.exceptions import HL7apyException
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import DA, TM
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import Settings
+from dicom_node.dispatch import Destination
+from dicom_node.logs import get_logger
+from dicom_node.results.oru import (
+    CORRECTED,
+    FINAL,
+    MessageHeader,
+    Patient,
+    ReportedFinding,
+    StudyReport,
+    control_id,
+    encode,
+    oru_r01,
+)
+from storage.models import (
+    Instance,
+    Job,
+    JobState,
+    Result,
+    ResultStatus,
+    Send,
+    Series,
+    Study,
+    utcnow,
+)
+from storage.outbox import OutgoingObject, enqueue_send
+from storage.spool import Spool
+
+log = get_logger(__name__)
+
+HL7_TYPE = "hl7"
+ORU_KIND = "oru"
+ORU_SUFFIX = ".hl7"
+NOT_DICOM = ""  # Send.sop_class_uid of a message: there is no SOP class
+UNFINISHED = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING)
+
+
+class StudyNotifier:
+    """Queues the ORU^R01 of finished studies for the node's hl7 destinations."""
+
+    def __init__(self, destinations: Sequence[Destination], ae_title: str) -> None:
+        self.destinations = {d.name: d for d in destinations if d.type == HL7_TYPE}
+        self.ae_title = ae_title
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StudyNotifier:
+        return cls(settings.destinations, settings.node.ae_title)
+
+    def handles(self, destination: str) -> bool:
+        """Whether ``destination`` gets study messages (and so no SR or SC)."""
+        return destination in self.destinations
+
+    def study_finished(
+        self,
+        session: Session,
+        spool: Spool,
+        *,
+        job_id: int,
+        instance_id: int,
+        result_id: int | None,
+        destinations: Sequence[str],
+        actor: str,
+    ) -> int:
+        """Queue the study's message if job ``job_id`` was its last; returns sends queued."""
+        targets = [self.destinations[name] for name in destinations if self.handles(name)]
+        if not targets:
+            return 0
+        study = _locked_study(session, instance_id)
+        if _other_unfinished_jobs(session, study.id, job_id):
+            return 0
+        try:
+            report = study_report(session, spool, study)
+        except (OSError, ValueError, InvalidDicomError, HL7apyException) as exc:
+            log.warning(
+                "study notification skipped: study cannot be reported",
+                study_instance_uid=study.study_instance_uid,
+                error_type=type(exc).__name__,
+            )
+            return 0
+        if report is None:
+            return 0
+        source = _Source(instance_id, result_id, actor)
+        return sum(self._queue(session, spool, report, target, source) for target in targets)
+
+    def _queue(
+        self,
+        session: Session,
+        spool: Spool,
+        report: StudyReport,
+        destination: Destination,
+        source: _Source,
+    ) -> int:
+        header = MessageHeader(
+            sending_application=self.ae_title,
+            sending_facility=destination.sending_facility or "",
+            receiving_application=destination.receiving_application or "",
+            receiving_facility=destination.receiving_facility or "",
+        )
+        earlier = _earlier_messages(session, destination.name, report.study_instance_uid)
+        if earlier & {control_id(report, header, status) for status in (FINAL, CORRECTED)}:
+            return 0  # this content is already on its way (or delivered)
+        status = CORRECTED if earlier else FINAL
+        message = oru_r01(report, header, status=status, created=utcnow())
+        message_id = str(message.msh.msh_10.value)
+        relpath = spool.store_output(ORU_KIND, message_id, [encode(message)], suffix=ORU_SUFFIX)
+        item = OutgoingObject(
+            destination=destination.name,
+            kind=ORU_KIND,
+            sop_class_uid=NOT_DICOM,
+            sop_instance_uid=message_id,
+            study_instance_uid=report.study_instance_uid,
+            file_path=relpath,
+            instance_id=source.instance_id,
+            result_id=source.result_id,
+        )
+        if enqueue_send(session, item, actor=source.actor) is None:
+            return 0
+        log.info(
+            "study notification queued",
+            destination=destination.name,
+            study_instance_uid=report.study_instance_uid,
+            message_control_id=message_id,
+            result_status=status,
+            priority=report.priority,
+            findings=len(report.findings),
+        )
+        return 1
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What the queued send is attributed to: the image and result that finished the study."""
+
+    instance_id: int
+    result_id: int | None
+    actor: str
+
+
+def _locked_study(session: Session, instance_id: int) -> Study:
+    """The instance's study, locked: serialises workers finishing images of one study."""
+    study = session.scalar(
+        select(Study)
+        .join(Series, Series.study_id == Study.id)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Instance.id == instance_id)
+        .with_for_update(of=Study)
+    )
+    if study is None:
+        raise LookupError(f"instance {instance_id} does not exist")
+    return study
+
+
+def _other_unfinished_jobs(session: Session, study_id: int, job_id: int) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .join(Instance, Instance.id == Job.instance_id)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == study_id, Job.state.in_(UNFINISHED), Job.id != job_id)
+        )
+        or 0
+    )
+
+
+def _earlier_messages(session: Session, destination: str, study_instance_uid: str) -> set[str]:
+    """Control IDs of the study's messages already queued for ``destination``."""
+    return set(
+        session.scalars(
+            select(Send.sop_instance_uid).where(
+                Send.kind == ORU_KIND,
+                Send.destination == destination,
+                Send.study_instance_uid == study_instance_uid,
+            )
+        )
+    )
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def study_report(session: Session, spool: Spool, study: Study) -> StudyReport | None:
+    """The study's report from the database and its latest spooled image; None when no
+    image of the study was scored (there is nothing to tell the RIS)."""
+    findings = _strongest_findings(_latest_findings(session, study.id))
+    if not findings:
+        return None
+    dataset = _latest_header(session, spool, study.id)
+    strongest = max(findings, key=lambda item: float(item.get("probability") or 0.0))
+    name, _, version = str(strongest.get("model") or "").rpartition(" ")
+    return StudyReport(
+        study_instance_uid=study.study_instance_uid,
+        accession_number=study.accession_number or str(dataset.get("AccessionNumber") or ""),
+        patient=_patient(dataset),
+        priority=study.priority,
+        priority_score=study.priority_score,
+        findings=tuple(_reported(finding) for finding in findings),
+        algorithm_name=name or version,
+        algorithm_version=version if name else "",
+        observed=_study_datetime(dataset) or study.first_received_at,
+    )
+
+
+def _latest_findings(session: Session, study_id: int) -> list[Mapping[str, Any]]:
+    """Findings of the most recent scored result of each image of the study."""
+    query = (
+        select(Instance.sop_instance_uid, Result.findings)
+        .join(Result, Result.instance_id == Instance.id)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study_id, Result.status == ResultStatus.SCORED)
+        .order_by(Instance.version, Result.updated_at, Result.id)
+    )
+    latest: dict[str, list[Mapping[str, Any]]] = {}
+    for sop_instance_uid, findings in session.execute(query):
+        latest[sop_instance_uid] = list(findings or [])
+    return [finding for findings in latest.values() for finding in findings]
+
+
+def _strongest_findings(findings: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Per coded finding, the one with the highest probability (in first-seen order)."""
+    best: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for finding in findings:
+        key = (str(finding.get("scheme") or ""), str(finding.get("code") or ""))
+        kept = best.get(key)
+        if kept is None or float(finding.get("probability") or 0.0) > float(
+            kept.get("probability") or 0.0
+        ):
+            best[key] = finding
+    return list(best.values())
+
+
+def _reported(finding: Mapping[str, Any]) -> ReportedFinding:
+    return ReportedFinding(
+        code=str(finding.get("code") or ""),
+        scheme=str(finding.get("scheme") or ""),
+        meaning=str(finding.get("meaning") or ""),
+        probability=float(finding.get("probability") or 0.0),
+        present=bool(finding.get("present")),
+        stage=str(finding.get("stage") or ""),
+    )
+
+
+def _latest_header(session: Session, spool: Spool, study_id: int) -> Dataset:
+    """The header of the study's most recently received image still in the spool."""
+    relpath = session.scalar(
+        select(Instance.spool_path)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study_id, Instance.purged_at.is_(None))
+        .order_by(Instance.received_at.desc(), Instance.id.desc())
+        .limit(1)
+    )
+    if relpath is None:
+        raise FileNotFoundError("no image of the study is left in the spool")
+    return pydicom.dcmread(spool.path_of(relpath), stop_before_pixels=True)
+
+
+def _patient(dataset: Dataset) -> Patient:
+    return Patient(
+        id=str(dataset.get("PatientID") or ""),
+        issuer=str(dataset.get("IssuerOfPatientID") or ""),
+        name=str(dataset.get("PatientName") or ""),
+        birth_date=str(dataset.get("PatientBirthDate") or ""),
+        sex=str(dataset.get("PatientSex") or "").strip().upper(),
+    )
+
+
+def _study_datetime(dataset: Dataset) -> datetime | None:
+    """Study Date and Time as a (local, zone-less) moment; None when either is unusable."""
+    try:
+        date = DA(str(dataset.get("StudyDate") or ""))
+        time = TM(str(dataset.get("StudyTime") or ""))
+    except ValueError:
+        return None
+    if date is None or time is None:
+        return None
+    return datetime.combine(date, time.replace(microsecond=0))
