@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,8 +31,9 @@ from storage.models import (
     Study,
     utcnow,
 )
+from tests.echo_support import storescp
 from tests.pipeline_support import destination_toml, settings_for
-from tests.support import DCMTK_STORESCP, free_port
+from tests.support import free_port
 
 RECENT_LATENCIES = [1.0, 2.0, 3.0, 4.0, 5.0]  # finished 2 minutes ago
 OLDER_LATENCIES = [10.0, 20.0, 30.0, 40.0, 50.0]  # finished 30 minutes ago
@@ -219,35 +219,8 @@ def test_listener_and_workers_from_heartbeats(
 
 @pytest.fixture
 def echo_peer(tmp_path: Path, dcmtk: None) -> Iterator[int]:
-    """dcmtk's storescp (which answers C-ECHO) as the archive, on a free port."""
-    port = free_port()
-    out = tmp_path / "received"
-    out.mkdir()
-    proc = subprocess.Popen(
-        [str(DCMTK_STORESCP), "-aet", "PACS", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_listening(port, proc)
+    with storescp(tmp_path / "received") as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise RuntimeError(f"storescp exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            import time
-
-            time.sleep(0.1)
-    raise TimeoutError("storescp did not listen")
 
 
 def test_destinations_reachability_models_and_thresholds(
