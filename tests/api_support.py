@@ -83,17 +83,27 @@ def populate(
     settings: Settings, sessions: sessionmaker[Session], spool: Spool, data: Path, work: Path
 ) -> dict[str, str]:
     """Receive and analyse :data:`ARRIVALS` one by one; returns accession → study UID."""
-    store = StoreService(spool, sessions, min_free_bytes=0)
-    engine = FakeEngine()
-    pipeline = make_pipeline(settings, sessions, spool, engine)
-    studies = {}
-    for accession, source, probability in ARRIVALS:
-        path = study_copy(data / source, work, accession)
-        studies[accession] = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-        receive_file(store, path)
-        engine.probability = probability
-        run_queue(pipeline, sessions)
-    return studies
+    return {
+        accession: arrive(settings, sessions, spool, data / source, work, accession, probability)
+        for accession, source, probability in ARRIVALS
+    }
+
+
+def arrive(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    source: Path,
+    work: Path,
+    accession: str,
+    probability: float,
+) -> str:
+    """One new study received and analysed with ``probability``; returns its UID."""
+    path = study_copy(source, work, accession)
+    receive_file(StoreService(spool, sessions, min_free_bytes=0), path)
+    engine = FakeEngine(probability=probability)
+    run_queue(make_pipeline(settings, sessions, spool, engine), sessions)
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
 def node_settings(home: Path, database_url: str, *, token_file: bool = True) -> Settings:
