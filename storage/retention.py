@@ -1,6 +1,6 @@
 """Spool retention: remove what has been delivered, keep what still needs a human.
 
-An instance's spooled file and its outputs (SR, SC) are removed once
+An instance's spooled file and its outputs (SR, SC, HL7 messages) are removed once
 
 * every job of the instance has finished as ``done`` or ``skipped`` — a ``failed`` job
   keeps its image for whoever investigates; a queued or running one obviously needs it;
@@ -100,6 +100,9 @@ def _describe(session: Session, instance: Instance) -> _Purgeable:
         )
     )
     files = [path for r in results for path in (r.sr_path, r.sc_path) if path]
+    # Whatever else the outbox delivered for it (an HL7 message naming the patient).
+    sent = session.scalars(select(Send.file_path).where(Send.instance_id == instance.id))
+    files += sorted(set(sent) - set(files))
     if not _shared(session, instance):
         files.append(instance.spool_path)
     return _Purgeable(instance.id, [r.id for r in results], files)

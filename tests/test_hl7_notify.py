@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from dicom_node.sender import Sender
 from dicom_node.wakeup import Wakeup
 from storage.db import session_scope
 from storage.models import Send, SendState
+from storage.retention import purge
 from storage.spool import Spool
 from tests.hl7_support import MllpReceiver, chest_image, hl7_destination_toml
 from tests.pipeline_support import (
@@ -311,3 +313,24 @@ def test_rule_without_the_ris_sends_no_message(
     node = Node(tmp_path, database_url, sessions, spool, toml)
     node.analyse(chest_image(data_dir, tmp_path).path)
     assert {(s.destination, s.kind) for s in node.sends()} == {("pacs", "sr"), ("pacs", "sc")}
+
+
+def test_delivered_message_leaves_the_spool_with_its_image(
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    data_dir: Path,
+    ris: MllpReceiver,
+    pacs: RecordingSCP,
+) -> None:
+    node = Node(tmp_path, database_url, sessions, spool, config(pacs.port, ris.port))
+    node.analyse(chest_image(data_dir, tmp_path).path)
+    node.deliver(1, ris)
+    time.sleep(0.2)
+    node.sender.run_once()  # the SR and SC too, if the loop stopped before them
+    (oru,) = node.sends("oru")
+    message_file = spool.path_of(oru.file_path)
+    assert message_file.is_file()  # names the patient: it must not stay forever
+    assert purge(sessions, spool, keep_for=timedelta(0)).instances == 1
+    assert not message_file.exists()
