@@ -42,12 +42,13 @@ from dicom_node.config import FindingPriority, PrioritySettings
 from dicom_node.logs import get_logger
 from storage.audit import record_event
 from storage.models import Instance, Result, ResultStatus, Series, Study, utcnow
+from storage.worklist import NO_PRIORITY_RANK, PRIORITY_RANKS
 
 log = get_logger(__name__)
 
 STAT, URGENT, ROUTINE = "STAT", "URGENT", "ROUTINE"
-RANKS: Mapping[str, int] = {STAT: 3, URGENT: 2, ROUTINE: 1}
-NO_RANK = 0
+RANKS: Mapping[str, int] = PRIORITY_RANKS  # studies.priority_rank, the worklist's order
+NO_RANK = NO_PRIORITY_RANK
 _DEFAULT_FINDING = FindingPriority()
 
 

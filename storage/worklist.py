@@ -1,10 +1,13 @@
 """The worklist: studies by priority, then by arrival, with what the node made of them.
 
 Pure query code: one SQL statement per call, whatever the number of studies. The page of
-studies is chosen first on ``studies`` alone — ordered by ``priority_rank`` descending,
-then ``first_received_at``, which ``ix_studies_worklist`` serves — and only that page is
-joined to its series, instances and jobs for the counts, so a long history costs nothing
-but the rows shown.
+studies is chosen first on ``studies`` alone, and only that page is joined to its series,
+instances and jobs for the counts, so a long history costs nothing but the rows shown.
+The page is the union of one ``LIMIT n`` range per priority rank, each read in arrival
+order straight off ``ix_studies_worklist`` (rank, first_received_at): the index runs in
+one direction and the worklist wants rank descending but arrival ascending, so a single
+``ORDER BY`` over both would have the database sort every study of the top rank present
+— with mostly ROUTINE studies, nearly the whole table — to show the first ``n``.
 
 Study status is rolled up from the jobs of all its instances (:func:`rollup_status`):
 
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import Select, case, func, select, union_all
 from sqlalchemy.orm import Session
 
 from storage.models import Instance, Job, JobState, Series, Study
@@ -41,7 +44,10 @@ from storage.models import Instance, Job, JobState, Series, Study
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
-PRIORITY_LEVELS = ("STAT", "URGENT", "ROUTINE")
+# ``studies.priority_rank`` of each level (migration 0003); 0 = no priority yet.
+PRIORITY_RANKS: Mapping[str, int] = {"STAT": 3, "URGENT": 2, "ROUTINE": 1}
+NO_PRIORITY_RANK = 0
+PRIORITY_LEVELS = tuple(PRIORITY_RANKS)
 STATUSES = ("received", "running", "queued", "done", "partial", "failed", "skipped")
 DEFAULT_LIMIT = 200
 _WAITING = (JobState.RECEIVED, JobState.QUEUED)
@@ -126,7 +132,10 @@ def worklist(
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
-    page = _page(since, priority_levels(priorities), limit).subquery("page")
+    levels = priority_levels(priorities)
+    if levels == []:
+        return []
+    page = _page(since, levels, limit).subquery("page")
     job_counts = [
         func.count(case((Job.state == state, Job.id))).label(state.value) for state in JobState
     ]
@@ -176,13 +185,30 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
 
 
 def _page(since: datetime | None, levels: list[str] | None, limit: int) -> Select[Any]:
-    """The ids of the studies to show: on ``studies`` alone, in worklist order."""
-    query = select(Study.id).order_by(*_ORDER).limit(limit)
-    if since is not None:
-        query = query.where(Study.last_received_at >= since)
-    if levels is not None:
-        query = query.where(Study.priority.in_(levels))
-    return query
+    """The ids of the studies to show: on ``studies`` alone, in worklist order.
+
+    The first ``limit`` of each rank (an index range scan each), then the first ``limit``
+    of their union (at most four times ``limit`` rows to sort).
+    """
+    if levels is None:
+        ranks = [*PRIORITY_RANKS.values(), NO_PRIORITY_RANK]
+    else:
+        ranks = sorted({PRIORITY_RANKS[level] for level in levels}, reverse=True)
+    per_rank = []
+    for rank in ranks:
+        query = select(Study.id, Study.priority_rank, Study.first_received_at).where(
+            Study.priority_rank == rank
+        )
+        if since is not None:
+            query = query.where(Study.last_received_at >= since)
+        ordered = query.order_by(Study.first_received_at, Study.id).limit(limit).subquery()
+        per_rank.append(select(ordered))
+    ranked = union_all(*per_rank).subquery("ranked")
+    return (
+        select(ranked.c.id)
+        .order_by(ranked.c.priority_rank.desc(), ranked.c.first_received_at, ranked.c.id)
+        .limit(limit)
+    )
 
 
 def _entry(row: Any) -> WorklistEntry:

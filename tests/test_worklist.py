@@ -150,6 +150,8 @@ def test_worklist_filters_by_level_arrival_and_limit(
         urgent_up = worklist(s, priorities=["stat", "URGENT"])
         recent = worklist(s, since=datetime.now(UTC) - timedelta(hours=2))
         first_two = worklist(s, limit=2)
+        first_four = worklist(s, limit=4)  # the page crosses from URGENT into ROUTINE
+        assert worklist(s, priorities=[]) == []
         with pytest.raises(ValueError, match="unknown priority"):
             worklist(s, priorities=["SOON"])
     assert accessions(populated, [e.study_instance_uid for e in urgent_up]) == [
@@ -160,6 +162,7 @@ def test_worklist_filters_by_level_arrival_and_limit(
     recent_accessions = accessions(populated, [e.study_instance_uid for e in recent])
     assert recent_accessions == [a for a in EXPECTED_ORDER if a != "A-ROUTINE"]
     assert [e.accession_number for e in first_two] == ["B-STAT", "D-URGENT"]
+    assert [e.accession_number for e in first_four] == EXPECTED_ORDER[:4]
 
 
 @pytest.mark.parametrize(
