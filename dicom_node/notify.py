@@ -27,8 +27,9 @@ changed content (a raised priority, a new finding) is a new message with result 
 correcting the earlier one. A report identical to one already queued for a destination is
 not queued again, even after a different one in between.
 
-A study that cannot be reported (its spooled files are gone or unreadable) is logged and
-skipped: the job and its DICOM results are not held back for the notification.
+A study that cannot be reported (its spooled files are gone or unreadable, a message
+cannot be built) is logged and skipped: the job and its DICOM results are not held back
+for the notification. A full disk is not skipped: the job is retried, as for its SR.
 """
 
 from __future__ import annotations
@@ -138,19 +139,15 @@ class StudyNotifier:
         destination: Destination,
         source: _Source,
     ) -> int:
-        header = MessageHeader(
-            sending_application=self.ae_title,
-            sending_facility=destination.sending_facility or "",
-            receiving_application=destination.receiving_application or "",
-            receiving_facility=destination.receiving_facility or "",
-        )
+        header = self._header(destination)
         earlier = _earlier_messages(session, destination.name, report.study_instance_uid)
         if earlier & {control_id(report, header, status) for status in (FINAL, CORRECTED)}:
             return 0  # this content is already on its way (or delivered)
         status = CORRECTED if earlier else FINAL
-        message = oru_r01(report, header, status=status, created=utcnow())
-        message_id = str(message.msh.msh_10.value)
-        relpath = spool.store_output(ORU_KIND, message_id, [encode(message)], suffix=ORU_SUFFIX)
+        written = _write_message(spool, report, header, status, destination.name)
+        if written is None:
+            return 0
+        message_id, relpath = written
         item = OutgoingObject(
             destination=destination.name,
             kind=ORU_KIND,
@@ -173,6 +170,35 @@ class StudyNotifier:
             findings=len(report.findings),
         )
         return 1
+
+    def _header(self, destination: Destination) -> MessageHeader:
+        return MessageHeader(
+            sending_application=self.ae_title,
+            sending_facility=destination.sending_facility or "",
+            receiving_application=destination.receiving_application or "",
+            receiving_facility=destination.receiving_facility or "",
+        )
+
+
+def _write_message(
+    spool: Spool, report: StudyReport, header: MessageHeader, status: str, destination: str
+) -> tuple[str, str] | None:
+    """Build and durably write the message: ``(control ID, spool path)``; None if it
+    cannot be built. A full disk raises, as for the SR: the job is retried rather than
+    the RIS skipped."""
+    try:
+        message = oru_r01(report, header, status=status, created=utcnow())
+        data = encode(message)
+    except (ValueError, HL7apyException) as exc:
+        log.warning(
+            "study notification skipped: message cannot be built",
+            destination=destination,
+            study_instance_uid=report.study_instance_uid,
+            error_type=type(exc).__name__,
+        )
+        return None
+    message_id = str(message.msh.msh_10.value)
+    return message_id, spool.store_output(ORU_KIND, message_id, [data], suffix=ORU_SUFFIX)
 
 
 @dataclass(frozen=True)
