@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,6 +178,42 @@ def send_raw(
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
     return statuses
+
+
+# -- file systems -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, size: str = "3m") -> Iterator[Path]:
+    """A real, small file system at ``mount_point``, so a disk really fills up.
+
+    Needs root; where mounting is impossible the test is skipped (it is an environment
+    limitation, not missing data). Grow it with :func:`resize_tmpfs`.
+    """
+    import pytest
+
+    mount_point.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def resize_tmpfs(mount_point: Path, size: str) -> None:
+    """Give a :func:`mounted_tmpfs` more (or less) room, the files on it staying."""
+    subprocess.run(
+        ["mount", "-o", f"remount,size={size}", str(mount_point)], check=True, timeout=30
+    )
 
 
 # -- databases ----------------------------------------------------------------------

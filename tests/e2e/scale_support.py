@@ -16,17 +16,23 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
+from sqlalchemy import create_engine, text
 
+from tests.e2e.orthanc import Orthanc
 from tests.nih_dicom import dx_dataset, pick, read_labels, write
 from tests.support import NODE_AE, START_TIMEOUT_S, STORESCU, NodeProcess, free_port, run
 
 BURST_SIDE = 256
+SR_SERIES = "AI CXR findings"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "postgres"
 SENT_FILE = re.compile(r"Sending file: (.+)$")
@@ -93,6 +99,42 @@ def acknowledged(output: str) -> dict[Path, str]:
     return statuses
 
 
+def rows(database_url: str, sql: str) -> list[Any]:
+    """Rows of a query, straight SQL (independent of the code under test)."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(sql)))
+    finally:
+        engine.dispose()
+
+
+def settled(database_url: str, instances: int) -> bool:
+    """``instances`` received, every job finished, every send delivered."""
+    (received,) = rows(database_url, "SELECT count(*) FROM instances")[0]
+    unfinished = rows(
+        database_url, "SELECT count(*) FROM jobs WHERE state NOT IN ('done', 'skipped', 'failed')"
+    )[0][0]
+    undelivered = rows(database_url, "SELECT count(*) FROM sends WHERE state != 'sent'")[0][0]
+    return bool(received == instances and unfinished == 0 and undelivered == 0)
+
+
+def srs_per_source(orthanc: Orthanc) -> Counter[str]:
+    """How many SRs of the node Orthanc holds for each source image."""
+    found: Counter[str] = Counter()
+    for instance_id in orthanc.find("Instance", {"SeriesDescription": SR_SERIES}):
+        tags = orthanc.request("GET", f"/instances/{instance_id}/tags?simplify")
+        (study,) = tags["CurrentRequestedProcedureEvidenceSequence"]
+        (series,) = study["ReferencedSeriesSequence"]
+        (image,) = series["ReferencedSOPSequence"]
+        found[image["ReferencedSOPInstanceUID"]] += 1
+    return found
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
 # -- a private PostgreSQL server -------------------------------------------------------------
 
 
@@ -110,15 +152,20 @@ class PrivatePostgres:
         self.url = f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{self.port}/postgres"
 
     def _pg(self, *args: str, timeout: float = 120) -> None:
-        result = subprocess.run(
-            ["runuser", "-u", PG_USER, "--", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        """Run a PostgreSQL program as ``postgres``; output to a file, never a pipe (a
+        server started by ``pg_ctl`` would hold the pipe open for as long as it runs)."""
+        log = self.root / "pg_ctl.log"
+        with log.open("ab") as output:
+            result = subprocess.run(
+                ["runuser", "-u", PG_USER, "--", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
         if result.returncode != 0:
-            raise RuntimeError(f"{args[0]} failed: {result.stdout}\n{result.stderr}")
+            raise RuntimeError(f"{args[0]} failed:\n{log.read_text(errors='replace')[-2000:]}")
 
     def init(self) -> PrivatePostgres:
         self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", PG_USER)
@@ -139,7 +186,17 @@ class PrivatePostgres:
         )
 
     def restart(self) -> None:
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "restart")
+        self._pg(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-m",
+            "fast",
+            "-w",
+            "-l",
+            str(self.root / "server.log"),
+            "restart",
+        )
 
     def stop(self) -> None:
         self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")

@@ -21,15 +21,15 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.e2e.orthanc import LOOPBACK, Orthanc, run_orthanc
 from tests.e2e.scale_support import (
     acknowledged,
     chest_burst,
+    rows,
+    srs_per_source,
     storescu_many,
     wait_for,
     wait_ready,
@@ -38,7 +38,6 @@ from tests.support import NodeProcess, provision_database
 
 IMAGES = 40
 WAIT_S = 480.0
-SR_SERIES = "AI CXR findings"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
@@ -73,27 +72,6 @@ enabled = false
 """
     )
     return path
-
-
-def rows(database_url: str, sql: str) -> list[Any]:
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(text(sql)))
-    finally:
-        engine.dispose()
-
-
-def srs_per_source(orthanc: Orthanc) -> Counter[str]:
-    """How many SRs of the node Orthanc holds for each source image."""
-    found: Counter[str] = Counter()
-    for instance_id in orthanc.find("Instance", {"SeriesDescription": SR_SERIES}):
-        tags = orthanc.request("GET", f"/instances/{instance_id}/tags?simplify")
-        (study,) = tags["CurrentRequestedProcedureEvidenceSequence"]
-        (series,) = study["ReferencedSeriesSequence"]
-        (image,) = series["ReferencedSOPSequence"]
-        found[image["ReferencedSOPInstanceUID"]] += 1
-    return found
 
 
 @pytest.fixture
