@@ -61,14 +61,15 @@ def wait_ready(process: NodeProcess, timeout: float = START_TIMEOUT_S) -> None:
     wait_for(ready, timeout, "the engine to load", every=0.2)
 
 
-def chest_burst(data_dir: Path, folder: Path, count: int) -> list[Path]:
-    """``count`` small DX chest images with fresh study, series and instance UIDs."""
+def chest_burst(data_dir: Path, folder: Path, count: int, side: int = BURST_SIDE) -> list[Path]:
+    """``count`` DX chest images (``side``² pixels) with fresh study, series and instance
+    UIDs."""
     folder.mkdir(parents=True, exist_ok=True)
     images = pick(read_labels(data_dir / "nih-sample"), {"PA": 4, "AP": 4})
     files = []
     for index in range(count):
         image = images[index % len(images)]
-        grey = Image.open(image.path).convert("L").resize((BURST_SIDE, BURST_SIDE))
+        grey = Image.open(image.path).convert("L").resize((side, side))
         ds = dx_dataset(image, np.asarray(grey, dtype=np.uint8))
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
         ds.SOPInstanceUID = generate_uid()

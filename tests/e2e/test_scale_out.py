@@ -180,3 +180,13 @@ def test_two_workers_process_each_job_once_and_a_killed_one_leaves_its_jobs_to_t
         }
         in_archive = srs_per_source(orthanc)
         assert set(in_archive) == sources and set(in_archive.values()) == {1}
+
+
+def test_worker_refuses_sqlite_with_one_clear_line(tmp_path: Path) -> None:
+    node = NodeProcess(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'node.db'}")
+    tmp_path.mkdir(exist_ok=True)
+    result = node.cli("worker", "--threads", "2")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "SQLite" in line and "dicom-node serve" in line and "PostgreSQL" in line
+    assert not (tmp_path / "node.db").exists(), "nothing may be created before refusing"
