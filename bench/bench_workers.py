@@ -11,9 +11,10 @@ or quieter affects both sides alike; the median of each side is reported.
 
     python bench/bench_workers.py [--images 64] [--rounds 2] [--side 1024] [--out FILE]
 
-``run(n, ...)`` returns the report as a dict, for a runner of the benchmark suite.
-Writes ``bench/results/workers.json`` by default. Expect at most ~2× with 2 workers and
-only with 2 free cores: each worker uses one inference thread.
+``run(n, images=…)`` measures ``n`` worker processes once and returns a dict with
+``images_per_minute`` (what ``bench/run_all.py`` calls); ``compare`` (the command line)
+alternates 1 and 2 and writes ``bench/results/workers.json`` with the ratio. Expect at
+most ~2× with 2 workers, and only with 2 free cores: each uses one inference thread.
 """
 
 from __future__ import annotations
@@ -131,32 +132,55 @@ def one_run(work: Path, workers: int, files: list[Path], heatmaps: bool) -> floa
 def run(
     n: int,
     *,
-    rounds: int = 1,
+    images: int = 64,
+    side: int = 1024,
+    heatmaps: bool = True,
+    database_url: str | None = None,
+) -> dict[str, Any]:
+    """One measurement with ``n`` worker processes on a queue of ``images`` images."""
+    if database_url:
+        os.environ["TEST_POSTGRES_URL"] = database_url
+    root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    try:
+        files = chest_burst(data_dir(), root / "images", images, side=side)
+        work = root / f"workers-{n}"
+        work.mkdir()
+        rate = one_run(work, n, files, heatmaps)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "workers": n,
+        "images": images,
+        "image": f"{side}x{side} 8-bit DX",
+        "heatmaps": heatmaps,
+        "cpu_count": os.cpu_count(),
+        "images_per_minute": round(rate, 1),
+    }
+
+
+def compare(
+    images: int,
+    *,
+    rounds: int = 2,
     side: int = 1024,
     heatmaps: bool = True,
     database_url: str | None = None,
     out: Path | None = DEFAULT_OUT,
 ) -> dict[str, Any]:
-    """Alternate 1- and 2-worker runs on ``n`` images; returns (and writes) the report."""
-    if database_url:
-        os.environ["TEST_POSTGRES_URL"] = database_url
-    root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
-    try:
-        files = chest_burst(data_dir(), root / "images", n, side=side)
-        per_minute: dict[int, list[float]] = {1: [], 2: []}
-        for index in range(rounds):
-            for workers in (1, 2):
-                work = root / f"round-{index}-workers-{workers}"
-                work.mkdir()
-                print(f"round {index + 1}/{rounds}: {workers} worker(s) …", file=sys.stderr)
-                rate = one_run(work, workers, files, heatmaps)
-                per_minute[workers].append(round(rate, 1))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    """Alternate 1- and 2-worker runs; the medians and their ratio (also written to
+    ``out``)."""
+    per_minute: dict[int, list[float]] = {1: [], 2: []}
+    for index in range(rounds):
+        for workers in (1, 2):
+            print(f"round {index + 1}/{rounds}: {workers} worker(s) …", file=sys.stderr)
+            figures = run(
+                workers, images=images, side=side, heatmaps=heatmaps, database_url=database_url
+            )
+            per_minute[workers].append(figures["images_per_minute"])
     one, two = (statistics.median(per_minute[k]) for k in (1, 2))
     report = {
         "cpu_count": os.cpu_count(),
-        "images": n,
+        "images": images,
         "image": f"{side}x{side} 8-bit DX",
         "heatmaps": heatmaps,
         "rounds": rounds,
@@ -180,7 +204,7 @@ def main() -> int:
     parser.add_argument("--database-url", help="PostgreSQL server [default: TEST_POSTGRES_URL]")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report")
     args = parser.parse_args()
-    report = run(
+    report = compare(
         args.images,
         rounds=args.rounds,
         side=args.side,
