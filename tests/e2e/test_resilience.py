@@ -182,7 +182,10 @@ def test_kill_9_during_a_burst_every_acknowledged_image_gets_exactly_one_sr(
             stored = {str(row["sop_instance_uid"]) for row in instance_rows(postgres_url)}
             assert {uid_of(path) for path in done} <= stored, "acknowledged but not stored"
             wait_for(lambda: settled(postgres_url, len(stored)), WAIT_S, "the node to settle")
-            assert set(srs_per_source(orthanc).values()) == {1}
+            archived = srs_per_source(orthanc)
+            missing = {uid_of(path) for path in done} - set(archived)
+            assert not missing, f"{len(missing)} acknowledged images have no SR in the archive"
+            assert set(archived.values()) == {1}
 
             rest = [path for path in files if path not in done]  # the PACS sends them again
             again = acknowledged(_both(storescu_many(node.port, rest)))
