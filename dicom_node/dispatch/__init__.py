@@ -1,11 +1,10 @@
 """Sending results to destinations: one module per destination (target) type.
 
-Importing the package registers the built-in types, so ``get_sender("dicom")`` works
-after ``import dicom_node.dispatch``. A future outbox (persistent queue, retries) calls
-these senders; they keep no state of their own.
+The built-in types ("dicom", "hl7") are imported on first use by ``get_sender``, so
+that loading a configuration does not pay for pynetdicom and hl7apy. The outbox
+(dicom_node/sender.py) calls these senders; they keep no state of their own.
 """
 
-from dicom_node.dispatch import dicom, hl7
 from dicom_node.dispatch.base import (
     Destination,
     SendResult,
@@ -14,6 +13,7 @@ from dicom_node.dispatch.base import (
     get_sender,
     register,
     registered_types,
+    required_fields,
 )
 
 __all__ = [
@@ -21,9 +21,8 @@ __all__ = [
     "SendResult",
     "TargetType",
     "check_unique_names",
-    "dicom",
     "get_sender",
-    "hl7",
     "register",
     "registered_types",
+    "required_fields",
 ]

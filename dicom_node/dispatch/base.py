@@ -21,6 +21,7 @@ the outbox that calls a sender decides about retries from data, not from excepti
 
 from __future__ import annotations
 
+import importlib
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -161,11 +162,11 @@ class Destination(BaseModel):
 
     @model_validator(mode="after")
     def _check_type(self) -> Destination:
-        target = _REGISTRY.get(self.type)
-        if target is None:
-            known = ", ".join(sorted(_REGISTRY)) or "none"
+        required = required_fields(self.type)
+        if required is None:
+            known = ", ".join(registered_types()) or "none"
             raise ValueError(f"type: unknown destination type {self.type!r} (known: {known})")
-        missing = [field for field in target.required_fields if getattr(self, field) is None]
+        missing = [field for field in required if getattr(self, field) is None]
         if missing:
             raise ValueError(f"{', '.join(missing)}: required for type {self.type!r}")
         return self
@@ -207,6 +208,14 @@ class TargetType(Protocol):
 
 _REGISTRY: dict[str, TargetType] = {}
 
+# Built-in types: module and required fields, so that validating a configuration does not
+# import pynetdicom or hl7apy (every CLI command validates one); the module registers its
+# implementation when first asked for a sender.
+_BUILTIN: dict[str, tuple[str, tuple[str, ...]]] = {
+    "dicom": ("dicom_node.dispatch.dicom", ("ae_title", "host", "port")),
+    "hl7": ("dicom_node.dispatch.hl7", ("host", "port")),
+}
+
 
 def register(type_name: str, target: TargetType) -> TargetType:
     """Make ``target`` the implementation of ``type = "<type_name>"`` destinations."""
@@ -216,12 +225,22 @@ def register(type_name: str, target: TargetType) -> TargetType:
 
 def get_sender(type_name: str) -> TargetType:
     """The implementation for a destination type; ``KeyError`` names the known ones."""
+    if type_name not in _REGISTRY and type_name in _BUILTIN:
+        importlib.import_module(_BUILTIN[type_name][0])
     try:
         return _REGISTRY[type_name]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
+        known = ", ".join(registered_types()) or "none"
         raise KeyError(f"unknown destination type {type_name!r} (known: {known})") from None
 
 
+def required_fields(type_name: str) -> tuple[str, ...] | None:
+    """Fields a destination of this type must set; None for an unknown type."""
+    if type_name in _REGISTRY:
+        return _REGISTRY[type_name].required_fields
+    builtin = _BUILTIN.get(type_name)
+    return None if builtin is None else builtin[1]
+
+
 def registered_types() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return tuple(sorted(set(_REGISTRY) | set(_BUILTIN)))

@@ -50,6 +50,7 @@ from dicom_node.dispatch.base import (
     SendResult,
     register,
 )
+from dicom_node.dispatch.base import required_fields as _required_fields
 from dicom_node.tls import ClientContext
 
 LOG = logging.getLogger(__name__)
@@ -663,7 +664,7 @@ def echo(destination: Destination, our_ae_title: str) -> SendResult:
 class DicomTarget:
     """The ``type = "dicom"`` destination: C-STORE SCU, with C-ECHO as its check."""
 
-    required_fields: tuple[str, ...] = ("ae_title", "host", "port")
+    required_fields = _required_fields("dicom") or ()
 
     def send(
         self, destination: Destination, items: Iterable[Sendable], our_ae_title: str

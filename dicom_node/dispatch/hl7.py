@@ -44,6 +44,7 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
 from dicom_node.dispatch.base import Category, Destination, Sendable, SendResult, register
+from dicom_node.dispatch.base import required_fields as _required_fields
 
 LOG = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def check(destination: Destination) -> SendResult:
 class Hl7Target:
     """The ``type = "hl7"`` destination: MLLP sender, TCP connect as its check."""
 
-    required_fields: tuple[str, ...] = ("host", "port")
+    required_fields = _required_fields("hl7") or ()
 
     def send(
         self, destination: Destination, items: Iterable[Sendable], our_ae_title: str
