@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.receive import StoreService
 from storage.db import make_engine, make_session_factory, upgrade
 from storage.spool import Spool
 from tests.support import (
@@ -104,6 +105,18 @@ def spool(tmp_path: Path) -> Spool:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
     return spool
+
+
+@pytest.fixture
+def data(data_dir: Path) -> Path:
+    """The shared DICOM folder."""
+    return data_dir / "dicom"
+
+
+@pytest.fixture
+def store(spool: Spool, sessions: sessionmaker[Session]) -> StoreService:
+    """The real receive path into ``spool`` and ``sessions``."""
+    return StoreService(spool, sessions, min_free_bytes=0)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

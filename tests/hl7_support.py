@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
 
-import pydicom
 from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
-from pydicom.uid import generate_uid
 
 from dicom_node.results.oru import MESSAGE_TYPE
 
@@ -93,38 +89,6 @@ def ack(code: str, control_id: str, incoming: Message) -> Message:
         err.err_3 = "207^Application internal error^HL70357"
         err.err_4 = "E"
     return message
-
-
-@dataclass(frozen=True)
-class Image:
-    path: Path
-    study_instance_uid: str
-    sop_instance_uid: str
-
-
-def chest_image(
-    data_dir: Path,
-    out_dir: Path,
-    *,
-    study_instance_uid: str | None = None,
-    patient_name: str = "Zzphi^Patientname^Middle^Dr^Jr",
-    patient_id: str = "PHI77331",
-    accession: str = "ACC|42",
-) -> Image:
-    """A copy of the shared CR chest image as a new image of a (new) study, with the
-    demographics a test looks for (and an accession number with a field separator)."""
-    ds = pydicom.dcmread(data_dir / "dicom" / "rg1-chest-cr-mono1-j2k.dcm")
-    ds.StudyInstanceUID = study_instance_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.IssuerOfPatientID = "HOSP"
-    ds.AccessionNumber = accession
-    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return Image(path, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
 
 
 def hl7_destination_toml(name: str, port: int, **fields: str) -> str:

@@ -11,14 +11,15 @@ pynetdicom peers — is real.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings, load_settings
@@ -33,15 +35,20 @@ from dicom_node.notify import StudyNotifier
 from dicom_node.pipeline import Pipeline, PipelineContext
 from dicom_node.receive import IncomingInstance, StoreService
 from dicom_node.results import Equipment
+from dicom_node.sender import Sender
+from dicom_node.wakeup import Wakeup
 from dicom_node.worker import claim_jobs
 from inference.cascade import ERROR, NOT_SCORED, ImageResult
 from inference.gate import check_header
+from storage.db import session_scope
+from storage.models import Send
 from storage.spool import Spool
 from tests.results_data import make_finding, make_result
 from tests.support import split_part10
 
 WORKER_ID = "testhost:1:worker-1"
 FAKE_IDENTITY = "fake-screen@1.0.0+fake-confirm@1.0.0"
+CHEST = "siim-cr-jpegbaseline.dcm"
 
 
 @dataclass
@@ -93,6 +100,42 @@ def receive_file(
     return result.instance_id
 
 
+@dataclass(frozen=True)
+class Image:
+    path: Path
+    study_instance_uid: str
+    sop_instance_uid: str
+
+
+def chest_image(
+    folder: Path,
+    out_dir: Path,
+    *,
+    accession: str,
+    patient_name: str = "Test^Patient",
+    patient_id: str = "PID-0",
+    issuer: str | None = None,
+    study_instance_uid: str | None = None,
+    source: str = CHEST,
+) -> Image:
+    """A copy of the chest image ``folder / source`` as a new image of
+    ``study_instance_uid`` (or of a new study), with its own series and SOP Instance UIDs
+    and the accession number and patient (with ``issuer``, if given) a test asks for."""
+    ds = pydicom.dcmread(folder / source)
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.AccessionNumber = accession
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    if issuer is not None:
+        ds.IssuerOfPatientID = issuer
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return Image(path, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+
+
 def settings_for(tmp_path: Path, database_url: str, toml: str = "", **overrides: Any) -> Settings:
     config = tmp_path / "node.toml"
     config.write_text(toml)
@@ -125,6 +168,47 @@ def run_queue(pipeline: Pipeline, sessions: sessionmaker[Session], batch_size: i
             return total
         pipeline.run(jobs)
         total += len(jobs)
+
+
+class Node:
+    """Receive → pipeline (fake engine) → sender for one configuration, in this process."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        database_url: str,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        toml: str,
+    ) -> None:
+        self.settings = settings_for(tmp_path, database_url, toml)
+        self.sessions = sessions
+        self.spool = spool
+        self.store = StoreService(spool, sessions, min_free_bytes=0)
+        self.engine = FakeEngine()
+        self.pipeline = make_pipeline(self.settings, sessions, spool, self.engine)
+        self.sender = Sender(self.settings, sessions, spool, wakeup=Wakeup())
+
+    def analyse(self, *paths: Path) -> None:
+        """Receive the files and run the queue until it is empty."""
+        for path in paths:
+            receive_file(self.store, path)
+        run_queue(self.pipeline, self.sessions)
+
+    def sends(self, kind: str | None = None) -> list[Send]:
+        with session_scope(self.sessions) as session:
+            query = select(Send).order_by(Send.id)
+            if kind is not None:
+                query = query.where(Send.kind == kind)
+            return list(session.scalars(query))
+
+    def deliver(self, until: int, received: Sized) -> None:
+        """Run the sender until a peer's ``received`` holds ``until`` objects (or 30 s
+        passed)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(received) < until:
+            self.sender.run_once()
+            time.sleep(0.05)
 
 
 class RecordingSCP:

@@ -12,77 +12,33 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from hl7apy.core import Message
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.logs import JsonFormatter
-from dicom_node.receive import StoreService
-from dicom_node.sender import Sender
-from dicom_node.wakeup import Wakeup
-from storage.db import session_scope
-from storage.models import Send, SendState
+from storage.models import SendState
 from storage.retention import purge
 from storage.spool import Spool
-from tests.hl7_support import MllpReceiver, chest_image, hl7_destination_toml
-from tests.pipeline_support import (
-    FakeEngine,
-    RecordingSCP,
-    destination_toml,
-    make_pipeline,
-    receive_file,
-    run_queue,
-    settings_for,
-)
+from tests.hl7_support import MllpReceiver, hl7_destination_toml
+from tests.pipeline_support import Image, Node, RecordingSCP, chest_image, destination_toml
 from tests.support import free_port, run
 
 FAST_RETRY = "[sender]\nbackoff_base = 0.05\nbackoff_cap = 0.1\n"
 RULE = '[[rules]]\nname = "chest"\npipeline = "cxr-cascade"\ndestinations = ["pacs", "ris"]\n'
 PHI = ("Zzphi", "Patientname", "PHI77331")
-
-
-class Node:
-    """Receive → pipeline → sender for one configuration, in this process."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        database_url: str,
-        sessions: sessionmaker[Session],
-        spool: Spool,
-        toml: str,
-    ) -> None:
-        self.settings = settings_for(tmp_path, database_url, toml)
-        self.sessions = sessions
-        self.spool = spool
-        self.store = StoreService(spool, sessions, min_free_bytes=0)
-        self.engine = FakeEngine()
-        self.pipeline = make_pipeline(self.settings, sessions, spool, self.engine)
-        self.sender = Sender(self.settings, sessions, spool, wakeup=Wakeup())
-
-    def analyse(self, *paths: Path) -> None:
-        for path in paths:
-            receive_file(self.store, path)
-        run_queue(self.pipeline, self.sessions)
-
-    def sends(self, kind: str | None = None) -> list[Send]:
-        with session_scope(self.sessions) as session:
-            query = select(Send).order_by(Send.id)
-            if kind is not None:
-                query = query.where(Send.kind == kind)
-            return list(session.scalars(query))
-
-    def deliver(self, until: int, receiver: MllpReceiver) -> None:
-        """Run the sender until the receiver has ``until`` messages (or 30 s passed)."""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(receiver.received) < until:
-            self.sender.run_once()
-            time.sleep(0.05)
+# The patient the RIS gets: name, ID with its issuer, and an accession with a field separator.
+RIS_IMAGE: dict[str, str] = {
+    "source": "rg1-chest-cr-mono1-j2k.dcm",
+    "patient_name": "Zzphi^Patientname^Middle^Dr^Jr",
+    "patient_id": "PHI77331",
+    "issuer": "HOSP",
+    "accession": "ACC|42",
+}
 
 
 @pytest.fixture
@@ -101,6 +57,37 @@ def pacs() -> Iterator[RecordingSCP]:
         yield peer
     finally:
         peer.stop()
+
+
+MakeNode = Callable[..., Node]
+NewImage = Callable[..., Image]
+
+
+@pytest.fixture
+def make_node(
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    pacs: RecordingSCP,
+) -> MakeNode:
+    """A node sending to ``pacs`` and to a RIS on ``ris_port`` (``toml``: another config)."""
+
+    def make(ris_port: int, extra: str = "", *, toml: str | None = None) -> Node:
+        toml = config(pacs.port, ris_port, extra) if toml is None else toml
+        return Node(tmp_path, database_url, sessions, spool, toml)
+
+    return make
+
+
+@pytest.fixture
+def new_image(data: Path, tmp_path: Path) -> NewImage:
+    """A new chest image (of a new study, or of ``study_instance_uid``) of the RIS patient."""
+
+    def make(study_instance_uid: str | None = None) -> Image:
+        return chest_image(data, tmp_path, study_instance_uid=study_instance_uid, **RIS_IMAGE)
+
+    return make
 
 
 def config(pacs_port: int, ris_port: int, extra: str = "") -> str:
@@ -125,22 +112,19 @@ def observations(message: Message) -> dict[str, list[str]]:
 
 
 def test_finished_study_reaches_the_ris_and_its_dicom_results_the_pacs(
-    tmp_path: Path,
-    database_url: str,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data_dir: Path,
+    make_node: MakeNode,
+    new_image: NewImage,
     ris: MllpReceiver,
     pacs: RecordingSCP,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    node = Node(tmp_path, database_url, sessions, spool, config(pacs.port, ris.port))
-    image = chest_image(data_dir, tmp_path)
+    node = make_node(ris.port)
+    image = new_image()
     node.analyse(image.path)
     by_destination = {(s.destination, s.kind) for s in node.sends()}
     assert by_destination == {("pacs", "sr"), ("pacs", "sc"), ("ris", "oru")}
-    node.deliver(1, ris)
+    node.deliver(1, ris.received)
     assert {s.state for s in node.sends()} == {SendState.SENT}
     assert len(pacs.uids()) == 2  # SR and SC; the PACS gets no HL7
     (message,) = ris.messages()
@@ -168,43 +152,31 @@ def test_finished_study_reaches_the_ris_and_its_dicom_results_the_pacs(
 
 
 def test_study_is_reported_once_its_last_image_is_finished(
-    tmp_path: Path,
-    database_url: str,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data_dir: Path,
-    ris: MllpReceiver,
-    pacs: RecordingSCP,
+    make_node: MakeNode, new_image: NewImage, ris: MllpReceiver
 ) -> None:
-    node = Node(tmp_path, database_url, sessions, spool, config(pacs.port, ris.port))
-    first = chest_image(data_dir, tmp_path)
-    second = chest_image(data_dir, tmp_path, study_instance_uid=first.study_instance_uid)
+    node = make_node(ris.port)
+    first = new_image()
+    second = new_image(first.study_instance_uid)
     node.analyse(
         first.path, second.path
     )  # one batch: the first job to commit sees the other running
     (oru,) = node.sends("oru")
     assert len(node.sends()) == 5  # 2 × (SR + SC) to the PACS, one message to the RIS
-    node.deliver(1, ris)
+    node.deliver(1, ris.received)
     assert oru.study_instance_uid == first.study_instance_uid and len(ris.received) == 1
 
 
 def test_raised_priority_sends_a_correction_and_a_rerun_nothing(
-    tmp_path: Path,
-    database_url: str,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data_dir: Path,
-    ris: MllpReceiver,
-    pacs: RecordingSCP,
+    make_node: MakeNode, new_image: NewImage, ris: MllpReceiver
 ) -> None:
-    node = Node(tmp_path, database_url, sessions, spool, config(pacs.port, ris.port))
-    first = chest_image(data_dir, tmp_path)
+    node = make_node(ris.port)
+    first = new_image()
     node.analyse(first.path)
-    node.deliver(1, ris)
+    node.deliver(1, ris.received)
     node.engine.probability = 0.95  # the second image: a confirmed finding at 0.95 is STAT
     study_uid = first.study_instance_uid
-    node.analyse(chest_image(data_dir, tmp_path, study_instance_uid=study_uid).path)
-    node.deliver(2, ris)
+    node.analyse(new_image(study_uid).path)
+    node.deliver(2, ris.received)
     final, corrected = ris.messages()
     assert final.msh.msh_10.to_er7() != corrected.msh.msh_10.to_er7()
     obr = corrected.oru_r01_patient_result.oru_r01_order_observation.obr
@@ -212,29 +184,22 @@ def test_raised_priority_sends_a_correction_and_a_rerun_nothing(
     assert observations(corrected)["233604007"] == ["NM", "0.9500", "A", "C"]
     assert observations(corrected)["260870009"][1] == "49499008^Stat^SCT"
     # a third image that changes nothing the message says: no third message
-    node.analyse(chest_image(data_dir, tmp_path, study_instance_uid=study_uid).path)
+    node.analyse(new_image(study_uid).path)
     assert len(node.sends("oru")) == 2
 
 
 def test_application_error_is_retried_and_delivered_once(
-    tmp_path: Path,
-    database_url: str,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data_dir: Path,
-    pacs: RecordingSCP,
+    make_node: MakeNode, new_image: NewImage
 ) -> None:
     ris = MllpReceiver(free_port(), ["AE"]).start()
     try:
-        node = Node(
-            tmp_path, database_url, sessions, spool, config(pacs.port, ris.port, FAST_RETRY)
-        )
-        node.analyse(chest_image(data_dir, tmp_path).path)
+        node = make_node(ris.port, FAST_RETRY)
+        node.analyse(new_image().path)
         node.sender.run_once()
         (oru,) = node.sends("oru")
         assert oru.state is SendState.PENDING and "application error: AE" in (oru.last_error or "")
         assert not [word for word in PHI if word in (oru.last_error or "")]
-        node.deliver(2, ris)
+        node.deliver(2, ris.received)
         time.sleep(0.2)
         node.sender.run_once()  # nothing left: delivered once
     finally:
@@ -246,17 +211,12 @@ def test_application_error_is_retried_and_delivered_once(
 
 
 def test_rejection_is_dead_lettered_and_listed(
-    tmp_path: Path,
-    database_url: str,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data_dir: Path,
-    pacs: RecordingSCP,
+    make_node: MakeNode, new_image: NewImage, tmp_path: Path, database_url: str
 ) -> None:
     ris = MllpReceiver(free_port(), ["AR"]).start()
     try:
-        node = Node(tmp_path, database_url, sessions, spool, config(pacs.port, ris.port))
-        node.analyse(chest_image(data_dir, tmp_path).path)
+        node = make_node(ris.port)
+        node.analyse(new_image().path)
         node.sender.run_once()
     finally:
         ris.stop()
@@ -278,22 +238,17 @@ def test_rejection_is_dead_lettered_and_listed(
 
 
 def test_ris_down_at_first_gets_the_message_when_it_comes_up(
-    tmp_path: Path,
-    database_url: str,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data_dir: Path,
-    pacs: RecordingSCP,
+    make_node: MakeNode, new_image: NewImage
 ) -> None:
     port = free_port()
-    node = Node(tmp_path, database_url, sessions, spool, config(pacs.port, port, FAST_RETRY))
-    node.analyse(chest_image(data_dir, tmp_path).path)
+    node = make_node(port, FAST_RETRY)
+    node.analyse(new_image().path)
     node.sender.run_once()
     (oru,) = node.sends("oru")
     assert oru.state is SendState.PENDING and "cannot connect" in (oru.last_error or "")
     ris = MllpReceiver(port).start()
     try:
-        node.deliver(1, ris)
+        node.deliver(1, ris.received)
     finally:
         ris.stop()
     (oru,) = node.sends("oru")
@@ -301,32 +256,24 @@ def test_ris_down_at_first_gets_the_message_when_it_comes_up(
 
 
 def test_rule_without_the_ris_sends_no_message(
-    tmp_path: Path,
-    database_url: str,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data_dir: Path,
-    ris: MllpReceiver,
-    pacs: RecordingSCP,
+    make_node: MakeNode, new_image: NewImage, ris: MllpReceiver, pacs: RecordingSCP
 ) -> None:
     toml = config(pacs.port, ris.port).replace('["pacs", "ris"]', '["pacs"]')
-    node = Node(tmp_path, database_url, sessions, spool, toml)
-    node.analyse(chest_image(data_dir, tmp_path).path)
+    node = make_node(ris.port, toml=toml)
+    node.analyse(new_image().path)
     assert {(s.destination, s.kind) for s in node.sends()} == {("pacs", "sr"), ("pacs", "sc")}
 
 
 def test_delivered_message_leaves_the_spool_with_its_image(
-    tmp_path: Path,
-    database_url: str,
+    make_node: MakeNode,
+    new_image: NewImage,
+    ris: MllpReceiver,
     sessions: sessionmaker[Session],
     spool: Spool,
-    data_dir: Path,
-    ris: MllpReceiver,
-    pacs: RecordingSCP,
 ) -> None:
-    node = Node(tmp_path, database_url, sessions, spool, config(pacs.port, ris.port))
-    node.analyse(chest_image(data_dir, tmp_path).path)
-    node.deliver(1, ris)
+    node = make_node(ris.port)
+    node.analyse(new_image().path)
+    node.deliver(1, ris.received)
     time.sleep(0.2)
     node.sender.run_once()  # the SR and SC too, if the loop stopped before them
     (oru,) = node.sends("oru")

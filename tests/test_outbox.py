@@ -18,7 +18,6 @@ from pynetdicom.events import Event
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.receive import StoreService
 from dicom_node.sender import Sender
 from dicom_node.wakeup import Wakeup
 from storage.db import session_scope
@@ -37,15 +36,7 @@ from storage.outbox import (
 )
 from storage.records import record_received
 from storage.spool import Spool
-from tests.pipeline_support import (
-    FakeEngine,
-    RecordingSCP,
-    destination_toml,
-    make_pipeline,
-    receive_file,
-    run_queue,
-    settings_for,
-)
+from tests.pipeline_support import Node, RecordingSCP, destination_toml, settings_for
 from tests.support import free_port, run
 from tests.test_storage import received
 
@@ -152,8 +143,16 @@ def test_retryable_failure_backs_off_exponentially_with_full_jitter(
         with session_scope(sessions) as s:
             row = s.get(Send, send.id)
             assert row is not None
-            state = record_failure(s, row, "connection refused", retryable=True, policy=POLICY,
-                                   actor="t", now=now, rng=lambda low, high: high)
+            state = record_failure(
+                s,
+                row,
+                "connection refused",
+                retryable=True,
+                policy=POLICY,
+                actor="t",
+                now=now,
+                rng=lambda low, high: high,
+            )
             assert state is SendState.PENDING
             waits.append((row.next_attempt_at - now).total_seconds())
             now = row.next_attempt_at
@@ -170,8 +169,14 @@ def test_permanent_failure_is_dead_at_once_and_counted(
     with session_scope(sessions) as s:
         row = s.get(Send, send.id)
         assert row is not None
-        state = record_failure(s, row, "0xA900 error: data set does not match SOP class",
-                               retryable=False, policy=POLICY, actor="t")
+        state = record_failure(
+            s,
+            row,
+            "0xA900 error: data set does not match SOP class",
+            retryable=False,
+            policy=POLICY,
+            actor="t",
+        )
         assert state is SendState.DEAD
         assert count_in_state(s, SendState.DEAD) == 1
     assert "permanent failure" in (only_send(sessions).last_error or "")
@@ -249,27 +254,40 @@ def scp() -> Iterator[RecordingSCP]:
 
 
 def _produce(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
-    toml: str, data_dir: Path, names: tuple[str, ...],
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    toml: str,
+    data_dir: Path,
+    names: tuple[str, ...],
 ) -> Sender:
     """Receive and analyse images (fake engine), return a sender for the same config."""
-    settings = settings_for(tmp_path, database_url, toml)
-    store = StoreService(spool, sessions, min_free_bytes=0)
-    for name in names:
-        receive_file(store, data_dir / "dicom" / name)
-    run_queue(make_pipeline(settings, sessions, spool, FakeEngine()), sessions)
-    return Sender(settings, sessions, spool, wakeup=Wakeup())
+    node = Node(tmp_path, database_url, sessions, spool, toml)
+    node.analyse(*(data_dir / "dicom" / name for name in names))
+    return node.sender
 
 
 CHESTS = ("siim-cr-jpegbaseline.dcm", "nih-00000001_000-dx-sc.dcm")
 
 
 def test_sender_delivers_a_batch_in_one_association_per_destination(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
-    scp: RecordingSCP, data_dir: Path,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    scp: RecordingSCP,
+    data_dir: Path,
 ) -> None:
-    sender = _produce(tmp_path, database_url, sessions, spool,
-                      destination_toml("pacs", scp.port), data_dir, CHESTS)
+    sender = _produce(
+        tmp_path,
+        database_url,
+        sessions,
+        spool,
+        destination_toml("pacs", scp.port),
+        data_dir,
+        CHESTS,
+    )
     assert sender.run_once() == 4
     assert sender.run_once() == 0
     assert scp.associations == 1 and len(scp.uids()) == 4
@@ -282,7 +300,10 @@ def test_sender_delivers_a_batch_in_one_association_per_destination(
 
 
 def test_closed_port_backs_off_then_delivers_once_it_listens(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
     data_dir: Path,
 ) -> None:
     port = free_port()
@@ -309,7 +330,10 @@ def test_closed_port_backs_off_then_delivers_once_it_listens(
 
 
 def test_refusal_is_dead_lettered_and_listed_and_retried_by_the_cli(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
     data_dir: Path,
 ) -> None:
     def refuse(event: Event) -> int:
@@ -317,15 +341,25 @@ def test_refusal_is_dead_lettered_and_listed_and_retried_by_the_cli(
 
     peer = RecordingSCP(free_port(), status=refuse).start()
     try:
-        sender = _produce(tmp_path, database_url, sessions, spool,
-                          destination_toml("pacs", peer.port), data_dir, CHESTS[:1])
+        sender = _produce(
+            tmp_path,
+            database_url,
+            sessions,
+            spool,
+            destination_toml("pacs", peer.port),
+            data_dir,
+            CHESTS[:1],
+        )
         sender.run_once()
     finally:
         peer.stop()
     env_cli = [sys.executable, "-m", "dicom_node"]
-    env = {"DICOM_NODE_CONFIG": str(tmp_path / "node.toml"),
-           "DICOM_NODE_DATABASE_URL": database_url, "DICOM_NODE_HOME": str(tmp_path),
-           "PATH": "/usr/bin:/bin"}
+    env = {
+        "DICOM_NODE_CONFIG": str(tmp_path / "node.toml"),
+        "DICOM_NODE_DATABASE_URL": database_url,
+        "DICOM_NODE_HOME": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+    }
     listed = run([*env_cli, "sends", "list", "--state", "dead", "--json"], env=env)
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
@@ -342,11 +376,22 @@ def test_refusal_is_dead_lettered_and_listed_and_retried_by_the_cli(
 
 
 def test_send_to_a_destination_removed_from_the_config_is_dead(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
-    scp: RecordingSCP, data_dir: Path,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    scp: RecordingSCP,
+    data_dir: Path,
 ) -> None:
-    _produce(tmp_path, database_url, sessions, spool, destination_toml("old", scp.port),
-             data_dir, CHESTS[:1])
+    _produce(
+        tmp_path,
+        database_url,
+        sessions,
+        spool,
+        destination_toml("old", scp.port),
+        data_dir,
+        CHESTS[:1],
+    )
     sender = Sender(settings_for(tmp_path, database_url), sessions, spool, wakeup=Wakeup())
     assert sender.run_once() == 2
     with session_scope(sessions) as s:

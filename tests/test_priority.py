@@ -8,6 +8,7 @@ every SR they read back also goes through ``dciodvfy``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,15 @@ from storage.db import session_scope
 from storage.models import AuditEvent, Result, Study
 from storage.spool import Spool
 from tests.dciodvfy import dciodvfy
-from tests.pipeline_support import make_pipeline, receive_file, run_queue, settings_for
-from tests.priority_support import PlannedEngine, study_image
+from tests.pipeline_support import (
+    Image,
+    chest_image,
+    make_pipeline,
+    receive_file,
+    run_queue,
+    settings_for,
+)
+from tests.priority_support import PlannedEngine
 from tests.results_data import make_finding, make_result, read_source
 
 DEFAULTS = PrioritySettings()
@@ -99,16 +107,6 @@ def test_sr_uid_depends_on_the_priority_it_reports() -> None:
 
 
 @pytest.fixture
-def data(data_dir: Path) -> Path:
-    return data_dir / "dicom"
-
-
-@pytest.fixture
-def store(spool: Spool, sessions: sessionmaker[Session]) -> StoreService:
-    return StoreService(spool, sessions, min_free_bytes=0)
-
-
-@pytest.fixture
 def planned() -> PlannedEngine:
     return PlannedEngine()
 
@@ -122,6 +120,35 @@ def pipeline(
     planned: PlannedEngine,
 ) -> Pipeline:
     return make_pipeline(settings_for(tmp_path, database_url), sessions, spool, planned)
+
+
+Analyse = Callable[..., tuple[Image, int]]
+
+
+@pytest.fixture
+def analyse(
+    pipeline: Pipeline,
+    planned: PlannedEngine,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    data: Path,
+    tmp_path: Path,
+) -> Analyse:
+    """Receive a new chest image of ``accession`` scored as planned, run the queue; returns
+    the image and its instance id."""
+
+    def run(
+        accession: str, probability: float, stage: str, study_instance_uid: str | None = None
+    ) -> tuple[Image, int]:
+        image = chest_image(
+            data, tmp_path, accession=accession, study_instance_uid=study_instance_uid
+        )
+        planned.plan[image.sop_instance_uid] = (probability, stage)
+        instance_id = receive_file(store, image.path)
+        run_queue(pipeline, sessions)
+        return image, instance_id
+
+    return run
 
 
 def study_row(sessions: sessionmaker[Session], uid: str) -> Study:
@@ -157,30 +184,16 @@ def reported_priority(path: Path) -> str | None:
 
 
 def test_second_image_raises_the_study_priority_audited_and_reported_in_its_sr(
-    pipeline: Pipeline,
-    planned: PlannedEngine,
-    store: StoreService,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data: Path,
-    tmp_path: Path,
+    analyse: Analyse, sessions: sessionmaker[Session], spool: Spool
 ) -> None:
-    first = study_image(data, tmp_path, accession="ACC1")
-    planned.plan[first.sop_instance_uid] = (0.15, "screen")
-    first_id = receive_file(store, first.path)
-    run_queue(pipeline, sessions)
+    first, first_id = analyse("ACC1", 0.15, "screen")
     study = study_row(sessions, first.study_instance_uid)
     assert (study.priority, study.priority_rank) == ("ROUTINE", 1)
     assert study.priority_score == pytest.approx(0.075)
     assert (study.top_finding, study.top_probability) == ("Pneumonia", pytest.approx(0.15))
     assert reported_priority(sr_of(sessions, spool, first_id)) == "Routine"
 
-    second = study_image(
-        data, tmp_path, accession="ACC1", study_instance_uid=first.study_instance_uid
-    )
-    planned.plan[second.sop_instance_uid] = (0.93, "confirm")
-    second_id = receive_file(store, second.path)
-    run_queue(pipeline, sessions)
+    _, second_id = analyse("ACC1", 0.93, "confirm", first.study_instance_uid)
     study = study_row(sessions, first.study_instance_uid)
     assert (study.priority, study.priority_rank) == ("STAT", 3)
     assert study.priority_score == pytest.approx(0.93)
@@ -198,18 +211,9 @@ def test_second_image_raises_the_study_priority_audited_and_reported_in_its_sr(
 
 
 def test_rerun_after_the_priority_changed_gets_a_new_sr_and_an_unchanged_one_keeps_its_uid(
-    pipeline: Pipeline,
-    planned: PlannedEngine,
-    store: StoreService,
-    sessions: sessionmaker[Session],
-    spool: Spool,
-    data: Path,
-    tmp_path: Path,
+    analyse: Analyse, pipeline: Pipeline, sessions: sessionmaker[Session], spool: Spool
 ) -> None:
-    first = study_image(data, tmp_path, accession="ACC2")
-    planned.plan[first.sop_instance_uid] = (0.70, "confirm")
-    first_id = receive_file(store, first.path)
-    run_queue(pipeline, sessions)
+    first, first_id = analyse("ACC2", 0.70, "confirm")
     urgent_sr = sr_of(sessions, spool, first_id)
 
     with session_scope(sessions) as s:  # re-run with the same outcome: nothing changes
@@ -218,12 +222,7 @@ def test_rerun_after_the_priority_changed_gets_a_new_sr_and_an_unchanged_one_kee
     assert sr_of(sessions, spool, first_id) == urgent_sr
     assert len(priority_events(sessions)) == 1
 
-    second = study_image(
-        data, tmp_path, accession="ACC2", study_instance_uid=first.study_instance_uid
-    )
-    planned.plan[second.sop_instance_uid] = (0.97, "confirm")
-    receive_file(store, second.path)
-    run_queue(pipeline, sessions)
+    analyse("ACC2", 0.97, "confirm", first.study_instance_uid)
     with session_scope(sessions) as s:  # the first image again: its report now says Stat
         queue.enqueue(s, first_id, actor="test")
     run_queue(pipeline, sessions)

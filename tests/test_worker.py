@@ -50,23 +50,16 @@ TWO_DESTINATIONS = destination_toml("pacs", 11104) + destination_toml("backup", 
 
 
 @pytest.fixture
-def data(data_dir: Path) -> Path:
-    return data_dir / "dicom"
-
-
-@pytest.fixture
-def store(spool: Spool, sessions: sessionmaker[Session]) -> StoreService:
-    return StoreService(spool, sessions, min_free_bytes=0)
-
-
-@pytest.fixture
 def fake_engine() -> FakeEngine:
     return FakeEngine()
 
 
 @pytest.fixture
 def pipeline(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
     fake_engine: FakeEngine,
 ) -> Pipeline:
     settings = settings_for(tmp_path, database_url, TWO_DESTINATIONS)
@@ -97,7 +90,10 @@ def sends_of(sessions: sessionmaker[Session], instance_id: int | None = None) ->
 
 
 def test_scored_image_gets_sr_sc_result_and_one_send_per_destination_and_output(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], spool: Spool,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    spool: Spool,
     data: Path,
 ) -> None:
     instance_id = receive_file(store, data / CHEST)
@@ -121,14 +117,20 @@ def test_scored_image_gets_sr_sc_result_and_one_send_per_destination_and_output(
     assert sr.StudyInstanceUID == sc.StudyInstanceUID == source.StudyInstanceUID
     sends = sends_of(sessions, instance_id)
     assert sorted((s.destination, s.kind) for s in sends) == [
-        ("backup", "sc"), ("backup", "sr"), ("pacs", "sc"), ("pacs", "sr"),
+        ("backup", "sc"),
+        ("backup", "sr"),
+        ("pacs", "sc"),
+        ("pacs", "sr"),
     ]
     assert {s.state for s in sends} == {SendState.PENDING}
     assert {s.file_path for s in sends} == {result.sr_path, result.sc_path}
 
 
 def test_outputs_written_by_the_pipeline_pass_dciodvfy(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], spool: Spool,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    spool: Spool,
     data: Path,
 ) -> None:
     ids = [receive_file(store, data / name) for name in (CHEST, CHEST_2)]
@@ -157,7 +159,10 @@ def test_not_scored_image_is_skipped_with_the_reason_and_no_outputs(
 
 
 def test_decode_error_fails_the_job_once_without_retry(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], data: Path,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    data: Path,
     fake_engine: FakeEngine,
 ) -> None:
     source = pydicom.dcmread(data / CHEST, stop_before_pixels=True)
@@ -172,7 +177,10 @@ def test_decode_error_fails_the_job_once_without_retry(
 
 
 def test_routed_to_no_pipeline_is_skipped_with_the_rules_reason(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], data: Path,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    data: Path,
     fake_engine: FakeEngine,
 ) -> None:
     instance_id = receive_file(store, data / HIP)
@@ -185,10 +193,16 @@ def test_routed_to_no_pipeline_is_skipped_with_the_rules_reason(
 
 
 def test_rules_route_by_calling_ae_and_choose_destinations(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
-    store: StoreService, data: Path,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    store: StoreService,
+    data: Path,
 ) -> None:
-    toml = TWO_DESTINATIONS + """
+    toml = (
+        TWO_DESTINATIONS
+        + """
 [[rules]]
 name = "research-scanner"
 pipeline = "none"
@@ -200,8 +214,10 @@ name = "chest-to-backup"
 pipeline = "cxr-cascade"
 destinations = ["backup"]
 """
-    pipeline = make_pipeline(settings_for(tmp_path, database_url, toml), sessions, spool,
-                             FakeEngine())
+    )
+    pipeline = make_pipeline(
+        settings_for(tmp_path, database_url, toml), sessions, spool, FakeEngine()
+    )
     research = receive_file(store, data / CHEST, calling_ae="RESEARCH")
     clinical = receive_file(store, data / CHEST_2, calling_ae="CR_ROOM_1")
     run_queue(pipeline, sessions)
@@ -212,7 +228,10 @@ destinations = ["backup"]
 
 
 def test_burst_is_analysed_in_one_engine_call(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], data: Path,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    data: Path,
     fake_engine: FakeEngine,
 ) -> None:
     for name in (CHEST, CHEST_2, DENTAL, HIP):
@@ -222,7 +241,10 @@ def test_burst_is_analysed_in_one_engine_call(
 
 
 def test_engine_crash_requeues_then_fails_after_max_attempts(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], data: Path,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    data: Path,
     fake_engine: FakeEngine,
 ) -> None:
     fake_engine.crash = RuntimeError("CUDA went away")
@@ -245,8 +267,12 @@ class Crash(BaseException):
 
 
 def test_crash_between_outputs_and_commit_reruns_to_identical_uids_and_no_duplicate_sends(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], spool: Spool,
-    data: Path, monkeypatch: pytest.MonkeyPatch,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    data: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     instance_id = receive_file(store, data / CHEST)
     written: list[Path] = []
@@ -275,8 +301,9 @@ def test_crash_between_outputs_and_commit_reruns_to_identical_uids_and_no_duplic
     (result,) = results_of(sessions, instance_id)
     assert {Path(result.sr_path or "").name, Path(result.sc_path or "").name} == set(first_bytes)
     for name, content in first_bytes.items():  # same object, not merely the same UID
-        assert (spool.outputs_dir / ("sr" if name in (result.sr_path or "") else "sc") / name
-                ).read_bytes() == content
+        assert (
+            spool.outputs_dir / ("sr" if name in (result.sr_path or "") else "sc") / name
+        ).read_bytes() == content
     assert len(sends_of(sessions)) == 4
 
 
@@ -298,13 +325,19 @@ def test_rerun_of_a_finished_image_updates_its_result_and_queues_nothing_twice(
 
 
 def test_expired_lease_lets_another_worker_finish_and_drops_the_late_result(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], data: Path,
-    tmp_path: Path, database_url: str, spool: Spool,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    data: Path,
+    tmp_path: Path,
+    database_url: str,
+    spool: Spool,
 ) -> None:
     instance_id = receive_file(store, data / CHEST)
     stale = claim_jobs(sessions, WORKER_ID, limit=1, lease=timedelta(seconds=-1))
-    other = make_pipeline(settings_for(tmp_path, database_url, TWO_DESTINATIONS), sessions,
-                          spool, FakeEngine())
+    other = make_pipeline(
+        settings_for(tmp_path, database_url, TWO_DESTINATIONS), sessions, spool, FakeEngine()
+    )
     other.worker_id = "otherhost:7:worker-1"
     taken = claim_jobs(sessions, other.worker_id, limit=1, lease=timedelta(minutes=5))
     assert [j.job_id for j in taken] == [j.job_id for j in stale]
@@ -333,7 +366,10 @@ def test_new_version_of_an_instance_gets_outputs_of_its_own(
 
 
 def test_unreadable_spooled_file_fails_the_job(
-    pipeline: Pipeline, store: StoreService, sessions: sessionmaker[Session], spool: Spool,
+    pipeline: Pipeline,
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    spool: Spool,
     data: Path,
 ) -> None:
     instance_id = receive_file(store, data / CHEST)
@@ -350,7 +386,10 @@ def test_unreadable_spooled_file_fails_the_job(
 
 @pytest.fixture
 def worker_service(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
 ) -> Iterator[tuple[Worker, FakeEngine]]:
     from dicom_node.wakeup import Wakeup
 
@@ -366,8 +405,10 @@ def worker_service(
 
 
 def test_worker_wakes_on_notification_not_on_poll(
-    worker_service: tuple[Worker, FakeEngine], store: StoreService,
-    sessions: sessionmaker[Session], data: Path,
+    worker_service: tuple[Worker, FakeEngine],
+    store: StoreService,
+    sessions: sessionmaker[Session],
+    data: Path,
 ) -> None:
     import time
 
@@ -382,8 +423,12 @@ def test_worker_wakes_on_notification_not_on_poll(
 
 
 def test_engine_that_cannot_load_leaves_jobs_queued(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
-    store: StoreService, data: Path,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    store: StoreService,
+    data: Path,
 ) -> None:
     from dicom_node.wakeup import Wakeup
 
@@ -439,7 +484,10 @@ class SlowEngine(FakeEngine):
 
 
 def short_lease_worker(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
     engine: FakeEngine,
 ) -> Worker:
     from dicom_node.wakeup import Wakeup
@@ -452,13 +500,19 @@ def short_lease_worker(
 def running_claims(sessions: sessionmaker[Session], job_id: int) -> int:
     with session_scope(sessions) as s:
         query = select(func.count()).select_from(AuditEvent)
-        return int(s.scalar(query.where(AuditEvent.kind == "job.running",
-                                        AuditEvent.job_id == job_id)) or 0)
+        return int(
+            s.scalar(query.where(AuditEvent.kind == "job.running", AuditEvent.job_id == job_id))
+            or 0
+        )
 
 
 def test_job_longer_than_its_lease_is_not_taken_over_while_its_worker_lives(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
-    store: StoreService, data: Path,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    store: StoreService,
+    data: Path,
 ) -> None:
     worker = short_lease_worker(tmp_path, database_url, sessions, spool, SlowEngine())
     worker.start()
@@ -469,8 +523,9 @@ def test_job_longer_than_its_lease_is_not_taken_over_while_its_worker_lives(
         while job_of(sessions, instance_id).state is JobState.QUEUED:
             time.sleep(0.02)
         while job_of(sessions, instance_id).state is JobState.RUNNING:  # 2.5 s > 0.8 s lease
-            rival = claim_jobs(sessions, "otherhost:7:worker-1", limit=8,
-                               lease=timedelta(minutes=5))
+            rival = claim_jobs(
+                sessions, "otherhost:7:worker-1", limit=8, lease=timedelta(minutes=5)
+            )
             assert rival == [], "a live worker's job was taken over"
             time.sleep(0.1)
     finally:
@@ -481,8 +536,12 @@ def test_job_longer_than_its_lease_is_not_taken_over_while_its_worker_lives(
 
 
 def test_expired_lease_of_a_dead_worker_elsewhere_is_taken_back_without_a_poll(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
-    store: StoreService, data: Path,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    store: StoreService,
+    data: Path,
 ) -> None:
     instance_id = receive_file(store, data / CHEST)
     claim_jobs(sessions, "otherhost:7:worker-1", limit=1, lease=timedelta(seconds=1))

@@ -27,8 +27,14 @@ from storage.db import session_scope
 from storage.models import AuditEvent, Instance, Series, Study
 from storage.spool import Spool
 from storage.worklist import parse_since, rollup_status, worklist
-from tests.pipeline_support import make_pipeline, receive_file, run_queue, settings_for
-from tests.priority_support import PlannedEngine, study_image
+from tests.pipeline_support import (
+    chest_image,
+    make_pipeline,
+    receive_file,
+    run_queue,
+    settings_for,
+)
+from tests.priority_support import PlannedEngine
 from tests.support import run
 
 HIP = "rg2-hip-cr-jpegextended.dcm"  # not a chest: not scored, so no priority
@@ -68,7 +74,7 @@ def populated(
         name, patient_id = f"Patient{index}^{accession}", f"PID-{accession}"
         study_uid = None
         for plan in plans:
-            image = study_image(
+            image = chest_image(
                 data,
                 images,
                 accession=accession,
