@@ -16,6 +16,7 @@ import json
 import logging
 import logging.handlers
 import sys
+import threading
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,6 +155,18 @@ def configure_logging(
         root.addHandler(handler)
     root.setLevel(settings.level)
     _quiet_libraries(settings.level)
+    threading.excepthook = _log_thread_crash
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """A thread that dies (pynetdicom's per-connection threads can, on odd peers) is logged
+    as one structured line like everything else, not as a raw traceback on stderr."""
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else None
+    logging.getLogger("dicom_node.threads").error(
+        "thread crashed", exc_info=args.exc_value or True, extra={"fields": {"thread": thread}}
+    )
 
 
 def _quiet_libraries(level: str) -> None:
