@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session
 from dicom_node.config import Settings
 from dicom_node.dispatch import Destination
 from dicom_node.logs import get_logger
+from dicom_node.priority import study_findings
 from dicom_node.results.oru import (
     CORRECTED,
     FINAL,
@@ -65,8 +66,6 @@ from storage.models import (
     Instance,
     Job,
     JobState,
-    Result,
-    ResultStatus,
     Send,
     Series,
     Study,
@@ -256,7 +255,7 @@ def _earlier_messages(session: Session, destination: str, study_instance_uid: st
 def study_report(session: Session, spool: Spool, study: Study) -> StudyReport | None:
     """The study's report from the database and its latest spooled image; None when no
     image of the study was scored (there is nothing to tell the RIS)."""
-    findings = _strongest_findings(_latest_findings(session, study.id))
+    findings = _strongest_findings(study_findings(session, study.id))
     if not findings:
         return None
     dataset = _latest_header(session, spool, study.id)
@@ -273,21 +272,6 @@ def study_report(session: Session, spool: Spool, study: Study) -> StudyReport | 
         algorithm_version=version if name else "",
         observed=_study_datetime(dataset) or study.first_received_at,
     )
-
-
-def _latest_findings(session: Session, study_id: int) -> list[Mapping[str, Any]]:
-    """Findings of the most recent scored result of each image of the study."""
-    query = (
-        select(Instance.sop_instance_uid, Result.findings)
-        .join(Result, Result.instance_id == Instance.id)
-        .join(Series, Series.id == Instance.series_id)
-        .where(Series.study_id == study_id, Result.status == ResultStatus.SCORED)
-        .order_by(Instance.version, Result.updated_at, Result.id)
-    )
-    latest: dict[str, list[Mapping[str, Any]]] = {}
-    for sop_instance_uid, findings in session.execute(query):
-        latest[sop_instance_uid] = list(findings or [])
-    return [finding for findings in latest.values() for finding in findings]
 
 
 def _strongest_findings(findings: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
