@@ -29,8 +29,8 @@ class Health(BaseModel):
     database: bool = Field(description="Whether the database answered.")
 
 
-class WorklistStudy(BaseModel):
-    """One study of the worklist (:class:`storage.worklist.WorklistEntry`)."""
+class _Study(BaseModel):
+    """The fields a worklist entry and a study's detail share, in this order."""
 
     study_instance_uid: str
     accession_number: str | None
@@ -42,6 +42,11 @@ class WorklistStudy(BaseModel):
     priority_score: float | None
     top_finding: str | None
     top_probability: float | None
+
+
+class WorklistStudy(_Study):
+    """One study of the worklist (:class:`storage.worklist.WorklistEntry`)."""
+
     priority_updated_at: datetime | None
     instances: int
     jobs: dict[str, int] = Field(description="Jobs of the study by state, zeros left out.")
@@ -117,17 +122,7 @@ class InstanceOut(BaseModel):
     sends: list[SendOut]
 
 
-class StudyDetail(BaseModel):
-    study_instance_uid: str
-    accession_number: str | None
-    study_date: str | None
-    first_received_at: datetime
-    last_received_at: datetime
-    status: StudyStatus
-    priority: Priority | None
-    priority_score: float | None
-    top_finding: str | None
-    top_probability: float | None
+class StudyDetail(_Study):
     instances: list[InstanceOut]
 
 
