@@ -81,6 +81,21 @@ def load_or_exit(config: Path | None, **overrides: Any) -> Settings:
         raise typer.Exit(EXIT_CONFIG) from None
 
 
+def load_for_command(config: Path | None) -> Settings:
+    """Settings for a one-shot command (or exit 2): it logs warnings and errors only, as
+    JSON, never to the node's log file."""
+    settings = load_or_exit(config)
+    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    return settings
+
+
+def ids_or_every(ids: list[int] | None, every: bool, choices: str) -> None:
+    """Exit 2 unless exactly one of ``ids`` and the ``every`` flag was given."""
+    if bool(ids) == every:
+        typer.echo(f"dicom-node: give {choices} (not both)", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"dicom-node {__version__}")
@@ -144,8 +159,7 @@ def status(
     ] = False,
 ) -> None:
     """Listener, workers, queue, throughput, destinations, models, spool (exit 1 if unhealthy)."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     from dicom_node.status import collect_status
 
     report = collect_status(settings, echo=not no_echo)
@@ -242,8 +256,7 @@ def analyze(
     ] = None,
 ) -> None:
     """Run the whole engine offline on DICOM files (no network, no database)."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     from rich.progress import Progress
 
     from dicom_node.analyze import analyze_files, result_record, to_json_line, write_heatmap
@@ -304,8 +317,7 @@ def rules_test(
     ] = None,
 ) -> None:
     """Which rule routes each file, and why the rules before it did not match."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     from dicom_node.rules import rules_test_report
 
     report = rules_test_report(
@@ -348,8 +360,7 @@ def sends_list(
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most rows shown.")] = 100,
 ) -> None:
     """Outbox entries, most recently changed first."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     from storage.models import SendState
 
     try:
@@ -402,11 +413,8 @@ def sends_retry(
     dead: Annotated[bool, typer.Option("--dead", help="Re-queue every dead send.")] = False,
 ) -> None:
     """Re-queue dead-lettered sends (with a fresh maximum age)."""
-    if bool(ids) == dead:
-        typer.echo("dicom-node: give send ids or --dead (not both)", err=True)
-        raise typer.Exit(EXIT_CONFIG)
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    ids_or_every(ids, dead, "send ids or --dead")
+    settings = load_for_command(config)
     from storage.outbox import retry_dead
 
     requeued = _with_database(

@@ -14,10 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dicom_node.cli import EXIT_CONFIG, EXIT_FAILURE, ConfigOption, JsonOption, load_or_exit
-from dicom_node.config import LoggingSettings
+from dicom_node.cli import EXIT_CONFIG, EXIT_FAILURE, ConfigOption, JsonOption, load_for_command
 from dicom_node.dispatch.reachability import check_destinations
-from dicom_node.logs import configure_logging
 
 destinations_app = typer.Typer(
     help="Where results go: check the destinations.", no_args_is_help=True
@@ -36,8 +34,7 @@ def destinations_echo(
     ] = 5.0,
 ) -> None:
     """C-ECHO (check) each destination: outcome and latency (exit 1 if any unreachable)."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     configured = {d.name: d for d in settings.destinations}
     unknown = [name for name in names or [] if name not in configured]
     if unknown:

@@ -24,10 +24,9 @@ from dicom_node.cli import (
     _send_row,
     _shown,
     _with_database,
-    load_or_exit,
+    ids_or_every,
+    load_for_command,
 )
-from dicom_node.config import LoggingSettings
-from dicom_node.logs import configure_logging
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -65,8 +64,7 @@ def jobs_list(
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most rows shown.")] = 50,
 ) -> None:
     """Jobs, newest first."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     wanted = _state_or_exit(state)
     from storage.job_details import list_jobs
 
@@ -118,8 +116,7 @@ def jobs_show(
     json_output: JsonOption = False,
 ) -> None:
     """One job: its image (UIDs, no patient data), results, sends and audit trail."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     from storage.job_details import job_details
 
     def load(session: Session) -> dict[str, Any] | None:
@@ -229,11 +226,8 @@ def jobs_retry(
     failed: Annotated[bool, typer.Option("--failed", help="Re-queue every failed job.")] = False,
 ) -> None:
     """Put failed (or skipped) jobs back in the queue with fresh attempts."""
-    if bool(ids) == failed:
-        typer.echo("dicom-node: give job ids or --failed (not both)", err=True)
-        raise typer.Exit(EXIT_CONFIG)
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    ids_or_every(ids, failed, "job ids or --failed")
+    settings = load_for_command(config)
     actor = f"cli:{getpass.getuser()}"
     outcome = _with_database(settings, lambda s: _retry(s, None if failed else ids, actor))
     requeued, refused = outcome

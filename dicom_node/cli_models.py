@@ -16,9 +16,14 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
-from dicom_node.cli import EXIT_FAILURE, ConfigOption, JsonOption, _shown, load_or_exit
-from dicom_node.config import LoggingSettings
-from dicom_node.logs import configure_logging
+from dicom_node.cli import (
+    EXIT_FAILURE,
+    ConfigOption,
+    JsonOption,
+    _shown,
+    load_for_command,
+    load_or_exit,
+)
 from dicom_node.model_bundles import ConfiguredBundle, configured_bundles, describe_all
 from inference.manifest import BundleError, check_files, hashed_size, read_metadata
 
@@ -58,8 +63,7 @@ def models_list(config: ConfigOption = None, json_output: JsonOption = False) ->
 @models_app.command("verify")
 def models_verify(config: ConfigOption = None, json_output: JsonOption = False) -> None:
     """Re-hash every bundle file against its manifest (exit 1 on any mismatch)."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     bundles = configured_bundles(settings)
     with Progress(
         TextColumn("{task.description}"),

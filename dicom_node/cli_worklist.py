@@ -24,10 +24,9 @@ from dicom_node.cli import (
     JsonOption,
     _shown,
     _with_database,
-    load_or_exit,
+    load_for_command,
 )
-from dicom_node.config import LoggingSettings, Settings
-from dicom_node.logs import configure_logging
+from dicom_node.config import Settings
 from dicom_node.patient_lookup import PHI_NOTICE
 from storage.worklist import DEFAULT_LIMIT, WorklistEntry, parse_since, priority_levels
 from storage.worklist import worklist as query_worklist
@@ -55,8 +54,7 @@ def worklist(
     ] = False,
 ) -> None:
     """Studies by priority (STAT, URGENT, ROUTINE, none), oldest first within a level."""
-    settings = load_or_exit(config)
-    configure_logging(LoggingSettings(level="WARNING", to_file=False, format="json"))
+    settings = load_for_command(config)
     try:
         moment = parse_since(since) if since else None
         levels = priority_levels(priority.split(",")) if priority else None
