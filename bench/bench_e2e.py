@@ -208,8 +208,13 @@ def start_node(
         f"port = {orthanc.dicom_port}\n\n[retention]\nenabled = false\n\n"
         f"[inference]\n{bundles}"
     )
-    node = NodeProcess(home=work / "node", database_url=database_url, port=free_port(),
-                       config_file=config, workers=True).start()
+    node = NodeProcess(
+        home=work / "node",
+        database_url=database_url,
+        port=free_port(),
+        config_file=config,
+        workers=True,
+    ).start()
     deadline = time.monotonic() + TIMEOUT_S
     while not any(e.get("event") == "worker ready" for e in node.log_events()):
         if time.monotonic() > deadline:

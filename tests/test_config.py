@@ -244,12 +244,21 @@ def test_no_rules_means_the_built_in_default(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "reason"),
     [
-        (ROUTING.replace('destinations = ["pacs"]', 'destinations = ["pacs", "archiv"]'),
-         "rules.1.destinations", "unknown destination 'archiv' (configured: pacs, research)"),
-        (ROUTING.replace('name = "research"\n', 'name = "pacs"\n'),
-         "destinations.1.name", "'pacs' is used twice"),
-        (ROUTING.replace('name = "adult-chest"', 'name = "research-scanner"'),
-         "rules.1.name", "'research-scanner' is used twice"),
+        (
+            ROUTING.replace('destinations = ["pacs"]', 'destinations = ["pacs", "archiv"]'),
+            "rules.1.destinations",
+            "unknown destination 'archiv' (configured: pacs, research)",
+        ),
+        (
+            ROUTING.replace('name = "research"\n', 'name = "pacs"\n'),
+            "destinations.1.name",
+            "'pacs' is used twice",
+        ),
+        (
+            ROUTING.replace('name = "adult-chest"', 'name = "research-scanner"'),
+            "rules.1.name",
+            "'research-scanner' is used twice",
+        ),
         (ROUTING.replace('equals = "CHEST"', 'equal = "CHEST"'), "rules.1.match", ""),
         (ROUTING.replace("port = 104", "port = 0"), "destinations.0.port", "greater than"),
         ("[worker]\nthreads = -1\n", "worker.threads", "greater than or equal to 0"),
@@ -267,8 +276,10 @@ def test_routing_errors_name_the_key(tmp_path: Path, text: str, key: str, reason
 def test_unknown_destination_in_a_rule_exits_2(tmp_path: Path) -> None:
     text = ROUTING.replace('destinations = ["pacs"]', 'destinations = ["archiv"]')
     config = write(tmp_path / "node.toml", text)
-    result = run([sys.executable, "-m", "dicom_node", "config", "check", "--config", str(config)],
-                 cwd=tmp_path)
+    result = run(
+        [sys.executable, "-m", "dicom_node", "config", "check", "--config", str(config)],
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "rules.1.destinations" in line and "'archiv'" in line
@@ -285,21 +296,27 @@ def test_config_show_renders_routing_that_reads_back_the_same(tmp_path: Path) ->
 
 def test_admin_commands_speak_json(tmp_path: Path) -> None:
     config = write(tmp_path / "node.toml", ROUTING)
-    env = {"DICOM_NODE_DATABASE_URL": "postgresql+psycopg2://u:s3cret@127.0.0.1:1/db",
-           "PATH": "/usr/bin:/bin"}
+    env = {
+        "DICOM_NODE_DATABASE_URL": "postgresql+psycopg2://u:s3cret@127.0.0.1:1/db",
+        "PATH": "/usr/bin:/bin",
+    }
     base = [sys.executable, "-m", "dicom_node"]
-    check = run([*base, "config", "check", "--json", "--config", str(config)], cwd=tmp_path,
-                env=env)
+    check = run(
+        [*base, "config", "check", "--json", "--config", str(config)], cwd=tmp_path, env=env
+    )
     assert check.returncode == 0, check.stderr
     assert json.loads(check.stdout) == {
-        "valid": True, "destinations": ["pacs", "research"],
+        "valid": True,
+        "destinations": ["pacs", "research"],
         "rules": ["research-scanner", "adult-chest"],
     }
-    shown = run([*base, "config", "show", "--json", "--config", str(config)], cwd=tmp_path,
-                env=env)
+    shown = run([*base, "config", "show", "--json", "--config", str(config)], cwd=tmp_path, env=env)
     document = json.loads(shown.stdout)
     assert "s3cret" not in shown.stdout and document["rules"][1]["name"] == "adult-chest"
-    upgraded = run([*base, "db", "upgrade", "--json"], cwd=tmp_path,
-                   env={"DICOM_NODE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    upgraded = run(
+        [*base, "db", "upgrade", "--json"],
+        cwd=tmp_path,
+        env={"DICOM_NODE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert upgraded.returncode == 0, upgraded.stderr
     assert json.loads(upgraded.stdout)["revision"] == head_revision()

@@ -61,8 +61,13 @@ def free_port() -> int:
 
 
 def destination(port: int, **extra: Any) -> Destination:
-    fields: dict[str, Any] = {"name": "peer", "ae_title": PEER_AET, "host": "127.0.0.1",
-                              "port": port, "timeout_s": 20}
+    fields: dict[str, Any] = {
+        "name": "peer",
+        "ae_title": PEER_AET,
+        "host": "127.0.0.1",
+        "port": port,
+        "timeout_s": 20,
+    }
     return Destination(**{**fields, **extra})
 
 
@@ -103,8 +108,7 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
         out = tmp_path / f"scp-{port}"
         out.mkdir()
         command = [STORESCP, "-od", str(out), "-aet", PEER_AET, *options, str(port)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(process)
         wait_listening(port, process)
         return port, out
@@ -170,8 +174,11 @@ def test_echo_succeeds(storescp: StoreSCP) -> None:
 def test_real_files_and_sr_arrive_identical(storescp: StoreSCP) -> None:
     port, out = storescp("+xa")  # accept every transfer syntax
     folder = dicom_dir()
-    paths = [folder / "dog-thorax-dx-lateral.dcm", folder / "siim-cr-jpegbaseline.dcm",
-             folder / "nih-00000001_000-dx-sc.dcm"]
+    paths = [
+        folder / "dog-thorax-dx-lateral.dcm",
+        folder / "siim-cr-jpegbaseline.dcm",
+        folder / "nih-00000001_000-dx-sc.dcm",
+    ]
     sr = make_sr()
     results = send_datasets(destination(port), [*paths, sr], OUR_AET)
     assert [r.success for r in results] == [True] * 4, results
@@ -189,7 +196,8 @@ def test_real_files_and_sr_arrive_identical(storescp: StoreSCP) -> None:
     assert content(got[str(sr.SOPInstanceUID)]) == content(sr)
     assert [r.sop_instance_uid for r in results] == [
         *(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths),
-        str(sr.SOPInstanceUID)]
+        str(sr.SOPInstanceUID),
+    ]
 
 
 def test_jpeg_is_decompressed_for_an_uncompressed_only_peer(storescp: StoreSCP) -> None:
@@ -277,15 +285,19 @@ def pynetdicom_scp() -> Iterator[Callable[..., int]]:
     """An in-process SCP whose contexts and C-STORE handler each test chooses."""
     servers: list[Any] = []
 
-    def start(handler: Callable[[Event], int], sop_classes: list[str],
-              require_called_aet: bool = False) -> int:
+    def start(
+        handler: Callable[[Event], int], sop_classes: list[str], require_called_aet: bool = False
+    ) -> int:
         ae = AE(ae_title=PEER_AET)
         ae.require_called_aet = require_called_aet
         for sop_class in sop_classes:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         port = free_port()
-        servers.append(ae.start_server(("127.0.0.1", port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, handler)]))
+        servers.append(
+            ae.start_server(
+                ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)]
+            )
+        )
         return port
 
     yield start
@@ -308,8 +320,9 @@ def test_peer_statuses_are_classified(pynetdicom_scp: Callable[..., int]) -> Non
     answers = [0xA700, 0xB000, 0xC000, 0xA900, 0x0000]
     datasets = [make_sr() for _ in answers]
     by_uid = {str(ds.SOPInstanceUID): code for ds, code in zip(datasets, answers, strict=True)}
-    port = pynetdicom_scp(lambda event: by_uid[str(event.request.AffectedSOPInstanceUID)],
-                          [BasicTextSRStorage])
+    port = pynetdicom_scp(
+        lambda event: by_uid[str(event.request.AffectedSOPInstanceUID)], [BasicTextSRStorage]
+    )
     results = send_datasets(destination(port), datasets, OUR_AET)
     summary = [(r.status, r.success, r.warning, r.retryable) for r in results]
     assert summary == [
@@ -328,7 +341,10 @@ def test_unsupported_sop_class_is_permanent_for_that_object_only(
     cr = dicom_dir() / "rg2-hip-cr-jpegextended.dcm"
     results = send_datasets(destination(port), [make_sr(), cr], OUR_AET)
     assert (results[0].success, results[0].retryable, results[0].category) == (
-        False, False, "no_context")
+        False,
+        False,
+        "no_context",
+    )
     assert results[1].success, results[1]
 
 
@@ -373,11 +389,23 @@ def test_never_more_than_128_contexts_per_association() -> None:
 
 @pytest.mark.parametrize(
     ("code", "success", "warning", "retryable"),
-    [(0x0000, True, False, False), (0xB000, True, True, False), (0xB006, True, True, False),
-     (0xB007, True, True, False), (0xA700, False, False, True), (0xA7FF, False, False, True),
-     (0xA900, False, False, False), (0xA9FF, False, False, False), (0xC000, False, False, False),
-     (0xCFFF, False, False, False), (0x0110, False, False, True), (0x0213, False, False, True),
-     (0x0122, False, False, False), (0x0124, False, False, False), (0x1234, False, False, False)],
+    [
+        (0x0000, True, False, False),
+        (0xB000, True, True, False),
+        (0xB006, True, True, False),
+        (0xB007, True, True, False),
+        (0xA700, False, False, True),
+        (0xA7FF, False, False, True),
+        (0xA900, False, False, False),
+        (0xA9FF, False, False, False),
+        (0xC000, False, False, False),
+        (0xCFFF, False, False, False),
+        (0x0110, False, False, True),
+        (0x0213, False, False, True),
+        (0x0122, False, False, False),
+        (0x0124, False, False, False),
+        (0x1234, False, False, False),
+    ],
 )
 def test_classify_status(code: int, success: bool, warning: bool, retryable: bool) -> None:
     status = classify_status(code)
@@ -388,8 +416,15 @@ def test_classify_status(code: int, success: bool, warning: bool, retryable: boo
 
 
 def test_destination_from_toml_table() -> None:
-    dest = Destination.model_validate({"name": "pacs", "ae_title": " PACS ", "host": "pacs.local",
-                                       "port": 104, "dimse_timeout_s": 300})
+    dest = Destination.model_validate(
+        {
+            "name": "pacs",
+            "ae_title": " PACS ",
+            "host": "pacs.local",
+            "port": 104,
+            "dimse_timeout_s": 300,
+        }
+    )
     assert (dest.type, dest.ae_title, dest.calling_ae_title) == ("dicom", "PACS", None)
     assert (dest.timeout("dimse"), dest.timeout("acse")) == (300, 30)
     assert isinstance(get_sender(dest.type), DicomTarget)
@@ -400,20 +435,33 @@ def test_destination_from_toml_table() -> None:
     [
         ({"name": "p", "host": "h", "port": 104}, "", "ae_title: required for type 'dicom'"),
         ({"name": "p", "ae_title": "A", "port": 104}, "", "host: required"),
-        ({"name": "p", "type": "s3", "ae_title": "A", "host": "h", "port": 1}, "",
-         "unknown destination type 's3'"),
+        (
+            {"name": "p", "type": "s3", "ae_title": "A", "host": "h", "port": 1},
+            "",
+            "unknown destination type 's3'",
+        ),
         ({"name": "p", "ae_title": "X" * 17, "host": "h", "port": 1}, "ae_title", "1 to 16"),
         ({"name": "p", "ae_title": "A", "host": "h", "port": 0}, "port", "greater than"),
         ({"name": "*", "ae_title": "A", "host": "h", "port": 1}, "name", "blank or '*'"),
-        ({"name": "p", "ae_title": "A", "host": "h", "port": 1,
-          "tls": {"enabled": True, "ca_file": "/nonexistent/ca.pem"}},
-         "tls", "ca_file: file not found: /nonexistent/ca.pem"),
-        ({"name": "p", "ae_title": "A", "host": "h", "port": 1, "aetitle": "B"}, "aetitle",
-         "Extra inputs"),
+        (
+            {
+                "name": "p",
+                "ae_title": "A",
+                "host": "h",
+                "port": 1,
+                "tls": {"enabled": True, "ca_file": "/nonexistent/ca.pem"},
+            },
+            "tls",
+            "ca_file: file not found: /nonexistent/ca.pem",
+        ),
+        (
+            {"name": "p", "ae_title": "A", "host": "h", "port": 1, "aetitle": "B"},
+            "aetitle",
+            "Extra inputs",
+        ),
     ],
 )
-def test_invalid_destination_names_the_key(table: dict[str, Any], where: str,
-                                           message: str) -> None:
+def test_invalid_destination_names_the_key(table: dict[str, Any], where: str, message: str) -> None:
     with pytest.raises(ValidationError) as info:
         Destination.model_validate(table)
     errors = [(".".join(map(str, e["loc"])), e["msg"]) for e in info.value.errors()]
@@ -430,8 +478,7 @@ def test_registry_adds_a_target_type() -> None:
     class NullTarget:
         required_fields: tuple[str, ...] = ()
 
-        def send(self, destination: Destination, items: Any, our_ae_title: str
-                 ) -> list[SendResult]:
+        def send(self, destination: Destination, items: Any, our_ae_title: str) -> list[SendResult]:
             return [SendResult(True, None, False, "dropped", "success") for _ in items]
 
         def check(self, destination: Destination, our_ae_title: str) -> SendResult:

@@ -33,7 +33,10 @@ KEEP = timedelta(days=7)
 
 @pytest.fixture
 def analysed(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], spool: Spool,
+    tmp_path: Path,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    spool: Spool,
     data_dir: Path,
 ) -> dict[str, int]:
     """Three images received and analysed: two chests (with sends), one hip (skipped)."""

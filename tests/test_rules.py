@@ -162,15 +162,20 @@ class TestRange:
             ({"min": 512, "max": 2048}, 1024, True),
         ],
     )
-    def test_bounds_are_inclusive(
-        self, bounds: dict[str, int], rows: int, expected: bool
-    ) -> None:
+    def test_bounds_are_inclusive(self, bounds: dict[str, int], rows: int, expected: bool) -> None:
         assert matches({"attribute": "Rows", "range": bounds}, make_ds(Rows=rows)) is expected
 
     @pytest.mark.parametrize(
         ("age", "years"),
-        [("065Y", 65), ("018M", 1.5), ("052W", 52 * 7 / 365.25), ("010D", 10 / 365.25),
-         ("58", 58), ("abc", None), ("", None)],
+        [
+            ("065Y", 65),
+            ("018M", 1.5),
+            ("052W", 52 * 7 / 365.25),
+            ("010D", 10 / 365.25),
+            ("58", 58),
+            ("abc", None),
+            ("", None),
+        ],
     )
     def test_age_strings_in_years(self, age: str, years: float | None) -> None:
         assert as_number(age) == (pytest.approx(years) if years is not None else None)
@@ -195,8 +200,12 @@ class TestRange:
 class TestPresence:
     @pytest.mark.parametrize(
         ("ds", "present"),
-        [(make_ds(BodyPartExamined="CHEST"), True), (make_ds(BodyPartExamined=""), False),
-         (make_ds(BodyPartExamined="  "), False), (make_ds(), False)],
+        [
+            (make_ds(BodyPartExamined="CHEST"), True),
+            (make_ds(BodyPartExamined=""), False),
+            (make_ds(BodyPartExamined="  "), False),
+            (make_ds(), False),
+        ],
     )
     def test_present_absent(self, ds: Dataset, present: bool) -> None:
         assert matches({"attribute": "BodyPartExamined", "present": True}, ds) is present
@@ -242,8 +251,9 @@ class TestIsImage:
         assert matches({"is_image": True}, ds)
 
     def test_header_only_read_still_an_image(self) -> None:
-        ds = make_ds(SOPClassUID="1.2.3.4", Rows=8, Columns=8,
-                     PhotometricInterpretation="MONOCHROME2")
+        ds = make_ds(
+            SOPClassUID="1.2.3.4", Rows=8, Columns=8, PhotometricInterpretation="MONOCHROME2"
+        )
         assert matches({"is_image": True}, ds)
 
 
@@ -269,14 +279,22 @@ class TestAeTitles:
 
 class TestCombinators:
     def test_all_stops_at_first_failure(self) -> None:
-        cond = {"all": [{"attribute": "Modality", "equals": "CR"},
-                        {"attribute": "Rows", "range": {"min": 512}}]}
+        cond = {
+            "all": [
+                {"attribute": "Modality", "equals": "CR"},
+                {"attribute": "Rows", "range": {"min": 512}},
+            ]
+        }
         assert matches(cond, make_ds(Modality="CR", Rows=1024))
         assert reason(cond, make_ds(Modality="CR", Rows=100)) == "Rows 100 outside [512, +inf]"
 
     def test_any(self) -> None:
-        cond = {"any": [{"attribute": "Modality", "equals": "CR"},
-                        {"attribute": "Modality", "equals": "DX"}]}
+        cond = {
+            "any": [
+                {"attribute": "Modality", "equals": "CR"},
+                {"attribute": "Modality", "equals": "DX"},
+            ]
+        }
         assert matches(cond, make_ds(Modality="DX"))
         assert reason(cond, make_ds(Modality="MR")) == (
             "none of: Modality is 'MR', not 'CR' | Modality is 'MR', not 'DX'"
@@ -290,11 +308,19 @@ class TestCombinators:
         assert reason(cond, make_ds(ViewPosition="LL")) == "ViewPosition is 'LL', in ['LL', 'RL']"
 
     def test_deeply_nested(self) -> None:
-        cond = {"not": {"any": [
-            {"all": [{"attribute": "Modality", "equals": "CR"},
-                     {"not": {"attribute": "BodyPartExamined", "present": True}}]},
-            {"not": {"not": {"calling_aet": "BLOCKED"}}},
-        ]}}
+        cond = {
+            "not": {
+                "any": [
+                    {
+                        "all": [
+                            {"attribute": "Modality", "equals": "CR"},
+                            {"not": {"attribute": "BodyPartExamined", "present": True}},
+                        ]
+                    },
+                    {"not": {"not": {"calling_aet": "BLOCKED"}}},
+                ]
+            }
+        }
         assert not matches(cond, make_ds(Modality="CR"), calling="X")
         assert matches(cond, make_ds(Modality="CR", BodyPartExamined="CHEST"), calling="X")
         assert not matches(cond, make_ds(Modality="MR"), calling="BLOCKED")
@@ -317,21 +343,31 @@ class TestOrdering:
     def test_first_match_wins_and_later_rules_are_not_tried(self) -> None:
         rules = rule_set(
             {"name": "mr", "pipeline": "none", "match": {"attribute": "Modality", "equals": "MR"}},
-            {"name": "cr-ignore", "pipeline": "ignore",
-             "match": {"attribute": "Modality", "equals": "CR"}},
-            {"name": "cr-cascade", "pipeline": "cxr-cascade",
-             "match": {"attribute": "Modality", "equals": "CR"}},
+            {
+                "name": "cr-ignore",
+                "pipeline": "ignore",
+                "match": {"attribute": "Modality", "equals": "CR"},
+            },
+            {
+                "name": "cr-cascade",
+                "pipeline": "cxr-cascade",
+                "match": {"attribute": "Modality", "equals": "CR"},
+            },
         )
         decision = evaluate(rules, make_ds(Modality="CR"))
         assert decision.rule == "cr-ignore"
         assert decision.pipeline == PIPELINE_NONE
-        assert [(t.rule, t.matched) for t in decision.trace] == [
-            ("mr", False), ("cr-ignore", True)]
+        assert [(t.rule, t.matched) for t in decision.trace] == [("mr", False), ("cr-ignore", True)]
         assert decision.trace[0].reason == "Modality is 'CR', not 'MR'"
 
     def test_no_match_means_store_only(self) -> None:
-        rules = rule_set({"name": "mr", "pipeline": "cxr-cascade",
-                          "match": {"attribute": "Modality", "equals": "MR"}})
+        rules = rule_set(
+            {
+                "name": "mr",
+                "pipeline": "cxr-cascade",
+                "match": {"attribute": "Modality", "equals": "MR"},
+            }
+        )
         decision = evaluate(rules, make_ds(Modality="CR"))
         assert decision.rule is None
         assert decision.pipeline == PIPELINE_NONE
@@ -342,13 +378,16 @@ class TestOrdering:
 class TestDestinations:
     def test_omitted_and_star_mean_all_configured(self) -> None:
         for extra in ({}, {"destinations": ["*"]}):
-            rules = rule_set({"name": "a", "pipeline": "cxr-cascade", **extra},
-                             destinations=("pacs", "archive"))
+            rules = rule_set(
+                {"name": "a", "pipeline": "cxr-cascade", **extra}, destinations=("pacs", "archive")
+            )
             assert evaluate(rules, make_ds()).destinations == ("pacs", "archive")
 
     def test_named_subset(self) -> None:
-        rules = rule_set({"name": "a", "pipeline": "cxr-cascade", "destinations": ["archive"]},
-                         destinations=("pacs", "archive"))
+        rules = rule_set(
+            {"name": "a", "pipeline": "cxr-cascade", "destinations": ["archive"]},
+            destinations=("pacs", "archive"),
+        )
         assert evaluate(rules, make_ds()).destinations == ("archive",)
 
     def test_store_only_pipeline_sends_nowhere(self) -> None:
@@ -389,7 +428,10 @@ class TestToml:
         ds = make_ds(Modality="DX", PatientAge="045Y", Rows=2048, ViewPosition="PA")
         decision = evaluate(rules, ds, "MODALITY1", "CXR_AI")
         assert (decision.rule, decision.pipeline, decision.destinations) == (
-            "adult-chest-dx", PIPELINE_CASCADE, ("pacs",))
+            "adult-chest-dx",
+            PIPELINE_CASCADE,
+            ("pacs",),
+        )
         other = evaluate(rules, ds, "MODALITY2", "CXR_AI")
         assert (other.rule, other.pipeline) == ("everything-else", PIPELINE_NONE)
         assert other.trace[0].reason == "calling AE title is 'MODALITY2', not 'MODALITY1'"
@@ -406,35 +448,69 @@ def _rule(match: dict[str, Any], **extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("config", "where", "message"),
     [
-        ({"destinations": ["pacs"], "rules": [{"name": "a", "pipeline": "cxr-cascade",
-                                               "destinations": ["pcas"]}]},
-         "rules", "rules.0.destinations (rule 'a'): unknown destination 'pcas'"),
-        (_rule({"attribute": "Modality", "regex": "(["}),
-         "rules.0.match.attribute.regex", "invalid regular expression"),
-        (_rule({"any": [{"all": []}]}), "rules.0.match.any.any.0.all.all",
-         "needs at least one condition"),
+        (
+            {
+                "destinations": ["pacs"],
+                "rules": [{"name": "a", "pipeline": "cxr-cascade", "destinations": ["pcas"]}],
+            },
+            "rules",
+            "rules.0.destinations (rule 'a'): unknown destination 'pcas'",
+        ),
+        (
+            _rule({"attribute": "Modality", "regex": "(["}),
+            "rules.0.match.attribute.regex",
+            "invalid regular expression",
+        ),
+        (
+            _rule({"any": [{"all": []}]}),
+            "rules.0.match.any.any.0.all.all",
+            "needs at least one condition",
+        ),
         (_rule({"any": []}), "rules.0.match.any.any", "needs at least one condition"),
-        (_rule({"attribute": "Modality", "in": []}), "rules.0.match.attribute.in",
-         "needs at least one value"),
-        (_rule({"attribute": "Modality"}), "rules.0.match.attribute",
-         "needs exactly one operator"),
-        (_rule({"attribute": "Modality", "equals": "CR", "regex": "C"}),
-         "rules.0.match.attribute", "found: equals, regex"),
-        (_rule({"attribute": "Modalty", "equals": "CR"}), "rules.0.match.attribute.attribute",
-         "neither a DICOM keyword nor a tag"),
-        (_rule({"attribute": "Modality", "equal": "CR"}), "rules.0.match.attribute.equal",
-         "Extra inputs"),
+        (
+            _rule({"attribute": "Modality", "in": []}),
+            "rules.0.match.attribute.in",
+            "needs at least one value",
+        ),
+        (_rule({"attribute": "Modality"}), "rules.0.match.attribute", "needs exactly one operator"),
+        (
+            _rule({"attribute": "Modality", "equals": "CR", "regex": "C"}),
+            "rules.0.match.attribute",
+            "found: equals, regex",
+        ),
+        (
+            _rule({"attribute": "Modalty", "equals": "CR"}),
+            "rules.0.match.attribute.attribute",
+            "neither a DICOM keyword nor a tag",
+        ),
+        (
+            _rule({"attribute": "Modality", "equal": "CR"}),
+            "rules.0.match.attribute.equal",
+            "Extra inputs",
+        ),
         (_rule({"atribute": "Modality"}), "rules.0.match", "a condition needs exactly one"),
-        (_rule({"attribute": "Rows", "range": {}}), "rules.0.match.attribute.range",
-         "needs 'min', 'max'"),
-        (_rule({"attribute": "Rows", "range": {"min": 5, "max": 1}}),
-         "rules.0.match.attribute.range", "greater than max"),
-        (_rule({"calling_aet": "X" * 17}), "rules.0.match.calling_aet.calling_aet",
-         "not a valid AE title"),
+        (
+            _rule({"attribute": "Rows", "range": {}}),
+            "rules.0.match.attribute.range",
+            "needs 'min', 'max'",
+        ),
+        (
+            _rule({"attribute": "Rows", "range": {"min": 5, "max": 1}}),
+            "rules.0.match.attribute.range",
+            "greater than max",
+        ),
+        (
+            _rule({"calling_aet": "X" * 17}),
+            "rules.0.match.calling_aet.calling_aet",
+            "not a valid AE title",
+        ),
         (_rule({}, pipeline="cascade"), "rules.0.pipeline", "'cxr-cascade' or 'none'"),
         (_rule({}, destinations=["*", "pacs"]), "rules.0.destinations", "cannot be combined"),
-        ({"rules": [{"name": "a", "pipeline": "none"}, {"name": "a", "pipeline": "none"}]},
-         "rules", "rules.1.name: rule name 'a' is used twice"),
+        (
+            {"rules": [{"name": "a", "pipeline": "none"}, {"name": "a", "pipeline": "none"}]},
+            "rules",
+            "rules.1.name: rule name 'a' is used twice",
+        ),
         ({"destinations": ["pacs", "pacs"]}, "destinations", "'pacs' is configured twice"),
         ({"rules": [{"name": " ", "pipeline": "none"}]}, "rules.0.name", "may not be blank"),
     ],
@@ -519,8 +595,13 @@ def test_rules_test_report(tmp_path: Path) -> None:
 
 def test_rules_test_report_with_rule_tables() -> None:
     path = dicom_dir() / "rg2-hip-cr-jpeglossless.dcm"
-    tables = [{"name": "hips", "pipeline": "ignore",
-               "match": {"attribute": "BodyPartExamined", "equals": "HIP"}}]
+    tables = [
+        {
+            "name": "hips",
+            "pipeline": "ignore",
+            "match": {"attribute": "BodyPartExamined", "equals": "HIP"},
+        }
+    ]
     (entry,) = rules_test_report([path], tables, [])
     assert (entry["rule"], entry["pipeline"]) == ("hips", PIPELINE_NONE)
 
@@ -528,26 +609,42 @@ def test_rules_test_report_with_rule_tables() -> None:
 # ----------------------------------------------------------------- never raises
 
 
-EVERY_OPERATOR = RuleSet.model_validate({"rules": [
-    {"name": f"r{index}", "pipeline": "cxr-cascade", "match": match}
-    for index, match in enumerate([
-        {"attribute": "Modality", "in": ["CR", "DX", 5]},
-        {"attribute": "Modality", "equals": 1.5},
-        {"attribute": "BodyPartExamined", "regex": "^CH"},
-        {"attribute": "PatientAge", "range": {"min": 18, "max": 90}},
-        {"attribute": "Rows", "range": {"min": 512}},
-        {"attribute": "ViewPosition", "absent": True},
-        {"is_image": True},
-        {"not": {"any": [{"calling_aet": "A"}, {"attribute": "SOPClassUID", "present": True}]}},
-    ])
-]})
+EVERY_OPERATOR = RuleSet.model_validate(
+    {
+        "rules": [
+            {"name": f"r{index}", "pipeline": "cxr-cascade", "match": match}
+            for index, match in enumerate(
+                [
+                    {"attribute": "Modality", "in": ["CR", "DX", 5]},
+                    {"attribute": "Modality", "equals": 1.5},
+                    {"attribute": "BodyPartExamined", "regex": "^CH"},
+                    {"attribute": "PatientAge", "range": {"min": 18, "max": 90}},
+                    {"attribute": "Rows", "range": {"min": 512}},
+                    {"attribute": "ViewPosition", "absent": True},
+                    {"is_image": True},
+                    {
+                        "not": {
+                            "any": [
+                                {"calling_aet": "A"},
+                                {"attribute": "SOPClassUID", "present": True},
+                            ]
+                        }
+                    },
+                ]
+            )
+        ]
+    }
+)
 
 KEYWORDS = ["Modality", "BodyPartExamined", "PatientAge", "Rows", "ViewPosition", "SOPClassUID"]
 VRS = ["CS", "DS", "IS", "AS", "US", "UL", "FD", "SQ", "PN", "UI", "OB", "UN", "LO", "DA"]
 
 values = st.one_of(
-    st.none(), st.text(max_size=20), st.binary(max_size=20),
-    st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True),
+    st.none(),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
     st.lists(st.one_of(st.text(max_size=8), st.integers(), st.floats()), max_size=4),
 )
 
@@ -575,9 +672,11 @@ def python_datasets(draw: st.DrawFn) -> Dataset:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ds=st.one_of(raw_datasets(), python_datasets()),
-       calling=st.one_of(st.none(), st.text(max_size=20)),
-       called=st.one_of(st.none(), st.text(max_size=20)))
+@given(
+    ds=st.one_of(raw_datasets(), python_datasets()),
+    calling=st.one_of(st.none(), st.text(max_size=20)),
+    called=st.one_of(st.none(), st.text(max_size=20)),
+)
 def test_evaluation_never_raises(ds: Dataset, calling: str | None, called: str | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -597,8 +696,12 @@ def test_sop_class_named_computed_radiography_is_an_image() -> None:
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dicom_node", *args], capture_output=True, text=True,
-        cwd=cwd, timeout=120, check=False,
+        [sys.executable, "-m", "dicom_node", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        check=False,
     )
 
 
@@ -615,19 +718,42 @@ def test_rules_test_cli_names_the_matching_rule_and_why_others_did_not(
     )
     chest = data_dir / "dicom" / "siim-cr-jpegbaseline.dcm"
     hip = data_dir / "dicom" / "rg2-hip-cr-jpegextended.dcm"
-    result = _cli("rules", "test", str(chest), str(hip), "--json", "--config", str(config),
-                  "--calling-aet", "CR_ROOM_1", cwd=tmp_path)
+    result = _cli(
+        "rules",
+        "test",
+        str(chest),
+        str(hip),
+        "--json",
+        "--config",
+        str(config),
+        "--calling-aet",
+        "CR_ROOM_1",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     first, second = json.loads(result.stdout)
     assert (first["rule"], first["pipeline"], first["destinations"]) == (
-        "chest", "cxr-cascade", ["pacs"])
+        "chest",
+        "cxr-cascade",
+        ["pacs"],
+    )
     assert first["trace"][0] == {
-        "rule": "research", "matched": False,
+        "rule": "research",
+        "matched": False,
         "reason": "calling AE title is 'CR_ROOM_1', not 'RESEARCH'",
     }
     assert second["rule"] is None and "HIP" in second["trace"][1]["reason"]
-    research = _cli("rules", "test", str(chest), "--json", "--config", str(config),
-                    "--calling-aet", "RESEARCH", cwd=tmp_path)
+    research = _cli(
+        "rules",
+        "test",
+        str(chest),
+        "--json",
+        "--config",
+        str(config),
+        "--calling-aet",
+        "RESEARCH",
+        cwd=tmp_path,
+    )
     assert json.loads(research.stdout)[0]["rule"] == "research"
     human = _cli("rules", "test", str(chest), "--config", str(config), cwd=tmp_path)
     assert human.returncode == 0 and "rule chest" in human.stdout

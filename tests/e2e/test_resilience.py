@@ -157,18 +157,33 @@ def test_kill_9_during_a_burst_every_acknowledged_image_gets_exactly_one_sr(
     files = chest_burst(data_dir, tmp_path / "burst", BURST)
     with run_orthanc(tmp_path / "orthanc") as orthanc:
         config = faults_config(tmp_path / "node.toml", orthanc.dicom_port)
-        node = NodeProcess(home=tmp_path / "node", database_url=postgres_url,
-                           config_file=config, workers=True).start()
+        node = NodeProcess(
+            home=tmp_path / "node", database_url=postgres_url, config_file=config, workers=True
+        ).start()
         try:
             wait_ready(node)
             sender = subprocess.Popen(
-                [str(STORESCU), "-v", "-xe", "-aec", "CXR_AI", "127.0.0.1", str(node.port),
-                 *map(str, files)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                [
+                    str(STORESCU),
+                    "-v",
+                    "-xe",
+                    "-aec",
+                    "CXR_AI",
+                    "127.0.0.1",
+                    str(node.port),
+                    *map(str, files),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
             try:
-                wait_for(lambda: len(instance_rows(postgres_url)) >= BURST // 3, WAIT_S,
-                         "a third of the burst to arrive", every=0.05)
+                wait_for(
+                    lambda: len(instance_rows(postgres_url)) >= BURST // 3,
+                    WAIT_S,
+                    "a third of the burst to arrive",
+                    every=0.05,
+                )
                 node.kill9()  # mid-association, with jobs and sends in flight
                 output, _ = sender.communicate(timeout=PEER_TIMEOUT_S)
             finally:
@@ -211,21 +226,25 @@ def test_archive_down_mid_run_everything_delivered_once_when_it_returns(
     first, second = files[:12], files[12:]
     orthanc_port, database_url = free_port(), f"sqlite:///{tmp_path / 'node.db'}"
     config = faults_config(tmp_path / "node.toml", orthanc_port)
-    node = NodeProcess(home=tmp_path / "node", database_url=database_url, config_file=config,
-                       workers=True).start()
+    node = NodeProcess(
+        home=tmp_path / "node", database_url=database_url, config_file=config, workers=True
+    ).start()
     try:
         with run_orthanc(tmp_path / "orthanc", dicom_port=orthanc_port) as orthanc:
-            assert set(acknowledged(_both(storescu_many(node.port, first))).values()) == {
-                "Success"}
-            wait_for(lambda: sum(srs_per_source(orthanc).values()) >= 3, WAIT_S,
-                     "the first SRs in the archive")
+            assert set(acknowledged(_both(storescu_many(node.port, first))).values()) == {"Success"}
+            wait_for(
+                lambda: sum(srs_per_source(orthanc).values()) >= 3,
+                WAIT_S,
+                "the first SRs in the archive",
+            )
         # The archive is gone now: the rest waits in the outbox and is retried.
-        assert set(acknowledged(_both(storescu_many(node.port, second))).values()) == {
-            "Success"}
+        assert set(acknowledged(_both(storescu_many(node.port, second))).values()) == {"Success"}
 
         def retrying() -> bool:
-            failed = rows(database_url, "SELECT count(*) FROM audit_events "
-                                        "WHERE kind = 'send.retry_scheduled'")
+            failed = rows(
+                database_url,
+                "SELECT count(*) FROM audit_events WHERE kind = 'send.retry_scheduled'",
+            )
             return bool(failed[0][0] >= 3)
 
         wait_for(retrying, WAIT_S, "deliveries to fail while the archive is down")
@@ -250,12 +269,12 @@ def test_database_restart_mid_run_node_recovers_without_restart(
     busy, while_down, after = files[:12], files[12:16], files[16:]
     with private_postgres() as server:
         config = faults_config(tmp_path / "node.toml", None)
-        node = NodeProcess(home=tmp_path / "node", database_url=server.url, config_file=config,
-                           workers=True).start()
+        node = NodeProcess(
+            home=tmp_path / "node", database_url=server.url, config_file=config, workers=True
+        ).start()
         try:
             wait_ready(node)
-            assert set(acknowledged(_both(storescu_many(node.port, busy))).values()) == {
-                "Success"}
+            assert set(acknowledged(_both(storescu_many(node.port, busy))).values()) == {"Success"}
             server.restart()  # fast shutdown: every connection of the node is cut mid-run
             server.stop()
             result = storescu_many(node.port, while_down)  # dcmtk stops at the first failure
@@ -284,9 +303,11 @@ def test_spool_disk_full_refuses_a700_leaves_nothing_half_written_and_recovers(
     database_url = f"sqlite:///{tmp_path / 'node.db'}"
     with mounted_tmpfs(tmp_path / "tmpfs", "2m") as mount:
         spool = mount / "spool"
-        node = NodeProcess(home=tmp_path / "node", database_url=database_url,
-                           extra_env={"DICOM_NODE_SPOOL_DIR": str(spool),
-                                      "DICOM_NODE_STORAGE__MIN_FREE_MB": "0"}).start()
+        node = NodeProcess(
+            home=tmp_path / "node",
+            database_url=database_url,
+            extra_env={"DICOM_NODE_SPOOL_DIR": str(spool), "DICOM_NODE_STORAGE__MIN_FREE_MB": "0"},
+        ).start()
         try:
             result = storescu_many(node.port, files)
             statuses = acknowledged(_both(result))

@@ -181,8 +181,13 @@ def archive_run(
             orthanc.upload(path.read_bytes())
         held = orthanc.instances()
         config = node_config(work / "node.toml", orthanc.dicom_port)
-        node = NodeProcess(home=work / "node", database_url=f"sqlite:///{work / 'node.db'}",
-                           port=node_port, config_file=config, workers=True).start()
+        node = NodeProcess(
+            home=work / "node",
+            database_url=f"sqlite:///{work / 'node.db'}",
+            port=node_port,
+            config_file=config,
+            workers=True,
+        ).start()
         try:
             job = orthanc.store_to_modality(NODE_MODALITY, held)
             assert job["FailedInstancesCount"] == 0, job
@@ -273,7 +278,8 @@ def test_every_sr_and_sc_in_the_archive_passes_dciodvfy(
 
 
 def test_outbox_empty_nothing_dead_spool_purged_logs_clean(
-    archive_run: tuple[Orthanc, NodeProcess, Path], nih_files: list[Path],
+    archive_run: tuple[Orthanc, NodeProcess, Path],
+    nih_files: list[Path],
 ) -> None:
     _, node, _ = archive_run
     report = status(node)
@@ -300,9 +306,12 @@ def test_destination_down_results_delivered_once_when_it_returns(
     work = tmp_path
     pacs_port = free_port()  # nothing listens here yet: the PACS is down
     extra = "[sender]\nbackoff_base = 0.2\nbackoff_cap = 1.0\n"
-    node = NodeProcess(home=work / "node", database_url=f"sqlite:///{work / 'node.db'}",
-                       config_file=node_config(work / "node.toml", pacs_port, extra),
-                       workers=True).start()
+    node = NodeProcess(
+        home=work / "node",
+        database_url=f"sqlite:///{work / 'node.db'}",
+        config_file=node_config(work / "node.toml", pacs_port, extra),
+        workers=True,
+    ).start()
     chest = [p for p in image_files if p.name == "siim-cr-jpegbaseline.dcm"] + nih_files[:1]
     try:
         for path in chest:
@@ -318,8 +327,9 @@ def test_destination_down_results_delivered_once_when_it_returns(
         with run_orthanc(work / "orthanc", dicom_port=pacs_port) as orthanc:
             wait_for(lambda: settled(node, len(chest)), 120, "delivery after the PACS returned")
             outputs = node_outputs(orthanc, work / "outputs")
-            sources = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                       for p in chest]
+            sources = [
+                str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in chest
+            ]
             assert sorted(o.source_uid for o in outputs if o.kind == "sr") == sorted(sources)
             assert sorted(o.source_uid for o in outputs if o.kind == "sc") == sorted(sources)
         rows = json.loads(node.cli("sends", "list", "--json").stdout)
