@@ -231,6 +231,9 @@ def main() -> int:
         started = time.perf_counter()
         rows = populate(engine, args.jobs)
         populate_s = time.perf_counter() - started
+        with engine.connect() as conn:  # for sizing: bytes of database per study
+            size = conn.execute(text("SELECT pg_database_size(current_database())"))
+            database_bytes = int(size.scalar_one())
         engine.dispose()
         print(f"populated in {populate_s:.1f} s: {rows}", file=sys.stderr)
         in_process, report = time_in_process(home, url, args.rounds)
@@ -255,6 +258,8 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "rows": rows,
         "populate_s": round(populate_s, 1),
+        "database_mb": round(database_bytes / 1e6, 1),
+        "database_mb_per_1000_studies": round(database_bytes / 1e6 / rows["studies"] * 1000, 2),
         "in_process_ms": {
             "n": len(in_process),
             "median": round(statistics.median(in_process), 1),
