@@ -43,16 +43,15 @@ from pydicom.uid import (
     generate_uid,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' helpers
+
+from tests.support import free_port  # noqa: E402
+
 STORESCU = "/usr/bin/storescu"
 ROWS, COLUMNS = 2500, 2048
 MAX_PDU = 131072  # dcmtk's largest; the node's default (256 KiB) would be capped to it
 TARGET_RATIO = 1.15
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 120.0) -> None:

@@ -40,6 +40,7 @@ from dicom_node.dispatch.dicom import (
     plan_batches,
     send_datasets,
 )
+from tests.support import free_port
 
 STORESCP = "/usr/bin/storescp"
 REPO = Path(__file__).resolve().parents[1]
@@ -52,12 +53,6 @@ def dicom_dir() -> Path:
     root = Path(os.environ.get("CXR_DATA_DIR", REPO.parent / "shared" / "data"))
     assert (root / "dicom" / "manifest.csv").is_file(), f"shared DICOM data not found at {root}"
     return root / "dicom"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def destination(port: int, **extra: Any) -> Destination:

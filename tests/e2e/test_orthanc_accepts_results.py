@@ -29,8 +29,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.results.heatmap_sc import heatmap_secondary_capture
 from dicom_node.results.sr import measurement_report
-from tests.e2e.orthanc import LOOPBACK, Modality, Orthanc, free_port, orthanc  # noqa: F401
+from tests.e2e.orthanc import LOOPBACK, Modality, Orthanc, orthanc  # noqa: F401
 from tests.results_data import make_finding, make_result, read_source
+from tests.support import free_port
 
 NODE_AET = "CXR_AI"
 SOURCES = ("rg1-chest-cr-mono1-j2k.dcm", "nih-00000001_000-dx-sc.dcm")
