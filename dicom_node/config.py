@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -96,6 +97,8 @@ def _split_list(value: object) -> object:
 
 
 StrList = Annotated[list[str], NoDecode]
+# Relative paths are taken from the working directory at start-up.
+AbsolutePath = Annotated[Path, AfterValidator(lambda path: path.expanduser().absolute())]
 
 
 class _Section(BaseModel):
@@ -117,15 +120,12 @@ class NodeTlsSettings(_Section):
     enabled: bool = Field(False, description="Accept DICOM TLS associations.")
     port: int = Field(2762, ge=1, le=65535, description="TLS port (2762 = dicom-tls).")
     tls_only: bool = Field(False, description="Do not open the plain [node] port.")
-    cert_file: Path | None = Field(None, description="Our certificate chain (PEM).")
-    key_file: Path | None = Field(None, description="Our private key (PEM, unencrypted).")
-    ca_file: Path | None = Field(None, description="CA certificates client certificates need.")
+    cert_file: AbsolutePath | None = Field(None, description="Our certificate chain (PEM).")
+    key_file: AbsolutePath | None = Field(None, description="Our private key (PEM, unencrypted).")
+    ca_file: AbsolutePath | None = Field(
+        None, description="CA certificates client certificates need."
+    )
     verify_client: bool = Field(False, description="Require a client certificate from ca_file.")
-
-    @field_validator("cert_file", "key_file", "ca_file")
-    @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
-        return value.expanduser().absolute() if value is not None else None
 
     @model_validator(mode="after")
     def _usable(self) -> NodeTlsSettings:
@@ -221,23 +221,21 @@ class NodeSettings(_Section):
 class StorageSettings(_Section):
     """``[storage]``: where data lives."""
 
-    home: Path = Field(Path("var"), description="Data directory (spool, SQLite file, logs).")
+    home: AbsolutePath = Field(
+        Path("var"), description="Data directory (spool, SQLite file, logs)."
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite:///<home>/node.db."
     )
-    spool_dir: Path | None = Field(None, description="Spool directory; default <home>/spool.")
+    spool_dir: AbsolutePath | None = Field(
+        None, description="Spool directory; default <home>/spool."
+    )
     durable_writes: bool = Field(
         True, description="fsync files and directories before acknowledging a C-STORE."
     )
     min_free_mb: int = Field(
         100, ge=0, description="Refuse C-STOREs (0xA700) when less disk than this is free."
     )
-
-    @field_validator("home", "spool_dir")
-    @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
-        """Relative paths are taken from the working directory at start-up."""
-        return value.expanduser().absolute() if value is not None else None
 
     @field_validator("database_url")
     @classmethod
@@ -277,14 +275,9 @@ class HttpSettings(_Section):
     enabled: bool = Field(True, description="Serve the HTTP API in serve.")
     host: str = Field("127.0.0.1", min_length=1, description="Address of the HTTP API.")
     port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP API; 0 = any free.")
-    token_file: Path | None = Field(
+    token_file: AbsolutePath | None = Field(
         None, description="File holding the API token; default <home>/api-token (generated)."
     )
-
-    @field_validator("token_file")
-    @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
-        return value.expanduser().absolute() if value is not None else None
 
 
 class InferenceSettings(_Section):
