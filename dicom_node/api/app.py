@@ -85,7 +85,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    models = configured_models(settings.inference) if models is None else models
+    models = configured_models(settings) if models is None else models
     app.state.context = ApiContext(settings, sessions, spool, make_registry(sessions, models))
     app.include_router(_public)
     app.include_router(_private, dependencies=[Depends(RequireToken(token))], responses=_ERRORS)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -39,9 +38,10 @@ from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import InferenceSettings
+from dicom_node.config import Settings
 from dicom_node.logs import get_logger
-from inference.manifest import CONFIRM_BUNDLE, SCREEN_BUNDLE, WEIGHTS, BundleError, read_metadata
+from dicom_node.model_bundles import configured_bundles
+from inference.manifest import WEIGHTS, BundleError, read_metadata
 from storage.db import session_scope
 from storage.models import Result
 from storage.outbox import counts_by_destination
@@ -64,24 +64,22 @@ class ModelInfo:
     sha256: str
 
 
-def configured_models(settings: InferenceSettings) -> list[ModelInfo]:
+def configured_models(settings: Settings) -> list[ModelInfo]:
     """Name, version and weights digest of the configured bundles (from their manifests).
 
     Read once at start-up without loading any network (no torch): the workers verify the
     digest against the weights whenever they load a bundle, so the manifest is what runs.
     """
-    paths = {
-        "screen": settings.screen_bundle or SCREEN_BUNDLE,
-        "confirm": settings.confirm_bundle or CONFIRM_BUNDLE,
-    }
     models = []
-    for role, path in paths.items():
+    for bundle in configured_bundles(settings):
         try:
-            meta = read_metadata(Path(path))
+            meta = read_metadata(bundle.path)
             digest = str(meta.get("sha256", {}).get(WEIGHTS, ""))
-            models.append(ModelInfo(role, str(meta["name"]), str(meta["version"]), digest))
+            models.append(ModelInfo(bundle.role, str(meta["name"]), str(meta["version"]), digest))
         except (BundleError, OSError, KeyError) as exc:
-            log.warning("model manifest unreadable", role=role, path=str(path), error=str(exc))
+            log.warning(
+                "model manifest unreadable", role=bundle.role, path=str(bundle.path), error=str(exc)
+            )
     return models
 
 
