@@ -2,7 +2,8 @@
 
 Called by the pipeline in the transaction that finishes a job, after the study's priority
 was updated (:mod:`dicom_node.priority`). A study is *finished* when no other job of it is
-still received, queued or running; the study row is locked first, so of two workers
+still received, queued or running; the study row is locked first (by the pipeline, for
+the priority update), so of two workers
 finishing the last two images of a study, the one that commits second sees the other's
 job finished and sends — the study is never left without a message.
 
@@ -50,7 +51,6 @@ from sqlalchemy.orm import Session
 from dicom_node.config import Settings
 from dicom_node.dispatch import Destination
 from dicom_node.logs import get_logger
-from dicom_node.priority import study_findings
 from dicom_node.results.oru import (
     CORRECTED,
     FINAL,
@@ -102,6 +102,8 @@ class StudyNotifier:
         self,
         session: Session,
         spool: Spool,
+        study: Study,
+        findings: Sequence[Mapping[str, Any]],
         *,
         job_id: int,
         instance_id: int,
@@ -109,15 +111,18 @@ class StudyNotifier:
         destinations: Sequence[str],
         actor: str,
     ) -> int:
-        """Queue the study's message if job ``job_id`` was its last; returns sends queued."""
+        """Queue the study's message if job ``job_id`` was its last; returns sends queued.
+
+        ``study`` is locked by the caller (:func:`~dicom_node.priority.locked_study`) and
+        ``findings`` are its :func:`~dicom_node.priority.study_findings`.
+        """
         targets = [self.destinations[name] for name in destinations if self.handles(name)]
         if not targets:
             return 0
-        study = _locked_study(session, instance_id)
         if _other_unfinished_jobs(session, study.id, job_id):
             return 0
         try:
-            report = study_report(session, spool, study)
+            report = study_report(session, spool, study, findings)
         except (OSError, ValueError, InvalidDicomError, HL7apyException) as exc:
             log.warning(
                 "study notification skipped: study cannot be reported",
@@ -209,20 +214,6 @@ class _Source:
     actor: str
 
 
-def _locked_study(session: Session, instance_id: int) -> Study:
-    """The instance's study, locked: serialises workers finishing images of one study."""
-    study = session.scalar(
-        select(Study)
-        .join(Series, Series.study_id == Study.id)
-        .join(Instance, Instance.series_id == Series.id)
-        .where(Instance.id == instance_id)
-        .with_for_update(of=Study)
-    )
-    if study is None:
-        raise LookupError(f"instance {instance_id} does not exist")
-    return study
-
-
 def _other_unfinished_jobs(session: Session, study_id: int, job_id: int) -> int:
     return int(
         session.scalar(
@@ -252,10 +243,12 @@ def _earlier_messages(session: Session, destination: str, study_instance_uid: st
 # --------------------------------------------------------------------------- the report
 
 
-def study_report(session: Session, spool: Spool, study: Study) -> StudyReport | None:
+def study_report(
+    session: Session, spool: Spool, study: Study, study_findings: Sequence[Mapping[str, Any]]
+) -> StudyReport | None:
     """The study's report from the database and its latest spooled image; None when no
     image of the study was scored (there is nothing to tell the RIS)."""
-    findings = _strongest_findings(study_findings(session, study.id))
+    findings = _strongest_findings(study_findings)
     if not findings:
         return None
     dataset = _latest_header(session, spool, study.id)

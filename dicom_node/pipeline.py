@@ -43,6 +43,7 @@ from dicom_node.notify import StudyNotifier
 from dicom_node.outputs import Output, build_outputs, write_outputs
 from dicom_node.priority import (
     StudyPriority,
+    locked_study,
     study_findings,
     study_id_of,
     study_priority,
@@ -259,9 +260,12 @@ class Pipeline:
         if outcome.record is None:
             return 0
         result_row = record_result(session, outcome.record, actor=self.worker_id)
+        study = locked_study(session, job.instance_id)
+        findings = study_findings(session, study.id)  # read under the lock: this image's too
         update_study_priority(
             session,
-            study_id_of(session, job.instance_id),
+            study,
+            findings,
             self.context.priority,
             actor=self.worker_id,
             job_id=job.job_id,
@@ -287,6 +291,8 @@ class Pipeline:
             queued += self.context.notifier.study_finished(
                 session,
                 self.context.spool,
+                study,
+                findings,
                 job_id=job.job_id,
                 instance_id=job.instance_id,
                 result_id=result_row.id,

@@ -179,9 +179,24 @@ def study_findings(
     return [finding for findings in latest.values() for finding in findings]
 
 
+def locked_study(session: Session, instance_id: int) -> Study:
+    """The study an instance belongs to, locked: serialises workers finishing its images."""
+    study = session.scalar(
+        select(Study)
+        .join(Series, Series.study_id == Study.id)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Instance.id == instance_id)
+        .with_for_update(of=Study)
+    )
+    if study is None:
+        raise LookupError(f"instance {instance_id} does not exist")
+    return study
+
+
 def update_study_priority(
     session: Session,
-    study_id: int,
+    study: Study,
+    findings: Iterable[Mapping[str, Any]],
     settings: PrioritySettings,
     *,
     actor: str,
@@ -189,19 +204,18 @@ def update_study_priority(
 ) -> StudyPriority:
     """Recompute and store the study's priority in the caller's transaction.
 
-    Call it after the result is recorded (flushed). A changed level or score is written,
-    audited (``study.priority``, old → new) and logged; an unchanged one is left alone.
+    ``study`` is locked by the caller (:func:`locked_study`) and ``findings`` are its
+    :func:`study_findings`, read after the result was recorded (flushed). A changed level
+    or score is written, audited (``study.priority``, old → new) and logged; an unchanged
+    one is left alone.
     """
-    study = session.get(Study, study_id, with_for_update=True)  # serialises updaters
-    if study is None:
-        raise LookupError(f"study {study_id} does not exist")
-    new = study_priority(study_findings(session, study_id), settings)
+    new = study_priority(findings, settings)
     old = StudyPriority(study.priority, study.priority_score)
     if new.same_as(old):
         return new
     _store(study, new)
     details = {
-        "study_id": study_id,
+        "study_id": study.id,
         "old": old.level,
         "new": new.level,
         "old_score": _round(old.score),
