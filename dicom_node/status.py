@@ -51,7 +51,7 @@ from storage.db import (
 )
 from storage.metrics import instance_figures, queue_figures, window_figures
 from storage.models import Job, JobState, NodeHeartbeat, ResultStatus, SendState, utcnow
-from storage.outbox import count_in_state, counts_by_destination
+from storage.outbox import counts_by_destination
 from storage.queue import counts_by_state
 from storage.results import counts_by_status
 from storage.spool import Spool
@@ -216,7 +216,7 @@ def _fill_sends(session: Session, settings: Settings, report: dict[str, Any]) ->
     for destination in settings.destinations:
         counts.setdefault(destination.name, {state.value: 0 for state in SendState})
     report["sends"] = counts
-    report["dead_letters"] = count_in_state(session, SendState.DEAD)
+    report["dead_letters"] = sum(states[SendState.DEAD.value] for states in counts.values())
 
 
 # -- listener and worker processes --------------------------------------------------------
