@@ -64,8 +64,6 @@ def _new_job(instance_id: int, kind: str, priority: int) -> Job:
         kind=kind,
         state=JobState.RECEIVED,
         priority=priority,
-        attempts=0,
-        max_attempts=3,
         created_at=now,
         updated_at=now,
         available_at=now,
