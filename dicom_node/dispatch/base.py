@@ -70,6 +70,20 @@ class SendResult:
         return None if self.status is None else f"0x{self.status:04X}"
 
 
+def failure(
+    category: Category, message: str, retryable: bool, sop_instance_uid: str | None = None
+) -> SendResult:
+    """A failed send or check that got no status from the peer."""
+    return SendResult(
+        success=False,
+        status=None,
+        retryable=retryable,
+        message=message,
+        category=category,
+        sop_instance_uid=sop_instance_uid,
+    )
+
+
 def validate_ae_title(value: str) -> str:
     """AE title per PS3.5 Table 6.2-1: 1-16 characters, no backslash or control characters.
 

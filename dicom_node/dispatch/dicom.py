@@ -44,12 +44,12 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.dispatch.base import (
-    Category,
     Destination,
     Sendable,
     SendResult,
     register,
 )
+from dicom_node.dispatch.base import failure as _failure
 from dicom_node.dispatch.base import required_fields as _required_fields
 from dicom_node.tls import ClientContext
 
@@ -141,19 +141,6 @@ def _status_result(
         warning=status_class.warning,
         sop_instance_uid=sop_instance_uid,
         transfer_syntax=transfer_syntax,
-    )
-
-
-def _failure(
-    category: Category, message: str, retryable: bool, sop_instance_uid: str | None = None
-) -> SendResult:
-    return SendResult(
-        success=False,
-        status=None,
-        retryable=retryable,
-        message=message,
-        category=category,
-        sop_instance_uid=sop_instance_uid,
     )
 
 

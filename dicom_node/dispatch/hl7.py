@@ -43,7 +43,8 @@ from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
-from dicom_node.dispatch.base import Category, Destination, Sendable, SendResult, register
+from dicom_node.dispatch.base import Destination, Sendable, SendResult, register
+from dicom_node.dispatch.base import failure as _failure
 from dicom_node.dispatch.base import required_fields as _required_fields
 
 LOG = logging.getLogger(__name__)
@@ -205,12 +206,6 @@ def _error_code(ack: Message) -> str:
             if code:
                 return f"; ERR-3 {code}"
     return ""
-
-
-def _failure(
-    category: Category, message: str, retryable: bool, control_id: str | None = None
-) -> SendResult:
-    return SendResult(False, None, retryable, message, category, sop_instance_uid=control_id)
 
 
 def _peer(destination: Destination) -> str:
