@@ -243,7 +243,7 @@ def _fill_processes(
 def _node_entry(row: NodeHeartbeat, max_age: timedelta, now: datetime) -> dict[str, Any]:
     return {
         "node_id": row.node_id,
-        "role": getattr(row, "role", "listener"),
+        "role": row.role,
         "hostname": row.hostname,
         "pid": row.pid,
         "ae_title": row.ae_title,
