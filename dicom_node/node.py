@@ -33,7 +33,7 @@ from dicom_node.receive import StoreService
 from dicom_node.retention import Retention
 from dicom_node.sender import Sender
 from dicom_node.wakeup import Wakeup
-from dicom_node.worker import EngineFactory, Worker
+from dicom_node.worker import Worker
 from storage import heartbeat
 from storage.db import (
     backend_name,
@@ -109,19 +109,15 @@ class Node:
         workers: bool = True,
         listener: bool = True,
         retention: bool = True,
-        engine_factory: EngineFactory | None = None,
     ) -> None:
         self.settings = settings
         self.run_workers = workers and settings.worker.threads > 0
         self.run_listener = listener
         self.run_retention = retention and settings.retention.enabled
-        self.engine_factory = engine_factory
         self.engine: Engine | None = None
         self.services: list[Service] = []
         self.jobs_wakeup = Wakeup()
         self.sends_wakeup = Wakeup()
-        self.worker: Worker | None = None
-        self.listener: Listener | None = None
         self.http: HttpService | None = None
 
     def start(self) -> None:
@@ -130,15 +126,15 @@ class Node:
         spool = self._open_spool()
         self._start_service(Sender(self.settings, sessions, spool, wakeup=self.sends_wakeup))
         if self.run_workers:
-            self.worker = Worker(
-                self.settings,
-                sessions,
-                spool,
-                jobs_wakeup=self.jobs_wakeup,
-                sends_wakeup=self.sends_wakeup,
-                engine_factory=self.engine_factory,
+            self._start_service(
+                Worker(
+                    self.settings,
+                    sessions,
+                    spool,
+                    jobs_wakeup=self.jobs_wakeup,
+                    sends_wakeup=self.sends_wakeup,
+                )
             )
-            self._start_service(self.worker)
         if self.run_retention:
             self._start_service(Retention(self.settings.retention, sessions, spool))
         port = self._start_listener(sessions, spool) if self.run_listener else 0
@@ -175,7 +171,7 @@ class Node:
             on_queued=self.jobs_wakeup.notify if self.run_workers else None,
             limits=receive_limits(self.settings.node),
         )
-        listener = self.listener = Listener(self.settings.node, store)
+        listener = Listener(self.settings.node, store)
         self._start_service(listener)
         return listener.port
 
