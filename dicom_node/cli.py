@@ -18,6 +18,7 @@ import json
 import signal
 import threading
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from storage.models import Send
 
 T = TypeVar("T")
+S = TypeVar("S", bound=StrEnum)
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 
@@ -94,6 +96,15 @@ def ids_or_every(ids: list[int] | None, every: bool, choices: str) -> None:
     if bool(ids) == every:
         typer.echo(f"dicom-node: give {choices} (not both)", err=True)
         raise typer.Exit(EXIT_CONFIG)
+
+
+def state_or_exit(states: type[S], state: str | None) -> S | None:
+    """``--state`` as one of ``states`` (None when not given), or exit 2 naming them."""
+    try:
+        return states(state) if state else None
+    except ValueError:
+        typer.echo(f"dicom-node: --state must be one of {', '.join(states)}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 def _version_callback(value: bool) -> None:
@@ -363,11 +374,7 @@ def sends_list(
     settings = load_for_command(config)
     from storage.models import SendState
 
-    try:
-        wanted = SendState(state) if state else None
-    except ValueError:
-        typer.echo(f"dicom-node: --state must be one of {', '.join(SendState)}", err=True)
-        raise typer.Exit(EXIT_CONFIG) from None
+    wanted = state_or_exit(SendState, state)
     from storage.outbox import list_sends
 
     rows = _with_database(

@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.table import Table
 
 from dicom_node.cli import (
-    EXIT_CONFIG,
     EXIT_FAILURE,
     ConfigOption,
     JsonOption,
@@ -26,13 +25,14 @@ from dicom_node.cli import (
     _with_database,
     ids_or_every,
     load_for_command,
+    state_or_exit,
 )
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from storage.job_details import JobDetails
-    from storage.models import AuditEvent, Instance, Job, JobState, Result
+    from storage.models import AuditEvent, Instance, Job, Result
 
 jobs_app = typer.Typer(
     help="The job queue: list, inspect and retry analyses.", no_args_is_help=True
@@ -41,16 +41,6 @@ jobs_app = typer.Typer(
 
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
-
-
-def _state_or_exit(state: str | None) -> JobState | None:
-    from storage.models import JobState
-
-    try:
-        return JobState(state) if state else None
-    except ValueError:
-        typer.echo(f"dicom-node: --state must be one of {', '.join(JobState)}", err=True)
-        raise typer.Exit(EXIT_CONFIG) from None
 
 
 @jobs_app.command("list")
@@ -65,7 +55,9 @@ def jobs_list(
 ) -> None:
     """Jobs, newest first."""
     settings = load_for_command(config)
-    wanted = _state_or_exit(state)
+    from storage.models import JobState
+
+    wanted = state_or_exit(JobState, state)
     from storage.job_details import list_jobs
 
     rows = _with_database(
