@@ -45,7 +45,6 @@ from dicom_node.priority import (
     StudyPriority,
     locked_study,
     study_findings,
-    study_id_of,
     study_priority,
     update_study_priority,
 )
@@ -70,6 +69,7 @@ class ClaimedJob:
 
     job_id: int
     instance_id: int
+    study_id: int
     sop_instance_uid: str
     version: int
     sha256: str
@@ -194,9 +194,7 @@ class Pipeline:
         """The study's priority once this image's result counts (for the SR to report)."""
         with session_scope(self.context.sessions) as session:
             others = study_findings(
-                session,
-                study_id_of(session, work.job.instance_id),
-                except_sop_instance_uid=work.job.sop_instance_uid,
+                session, work.job.study_id, except_sop_instance_uid=work.job.sop_instance_uid
             )
         mine = [finding.as_dict() for finding in result.findings]
         return study_priority([*others, *mine], self.context.priority)
@@ -260,7 +258,7 @@ class Pipeline:
         if outcome.record is None:
             return 0
         result_row = record_result(session, outcome.record, actor=self.worker_id)
-        study = locked_study(session, job.instance_id)
+        study = locked_study(session, job.study_id)
         findings = study_findings(session, study.id)  # read under the lock: this image's too
         update_study_priority(
             session,

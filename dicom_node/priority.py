@@ -144,18 +144,6 @@ def study_priority(
     )
 
 
-def study_id_of(session: Session, instance_id: int) -> int:
-    """The study an instance belongs to."""
-    study_id = session.scalar(
-        select(Series.study_id)
-        .join(Instance, Instance.series_id == Series.id)
-        .where(Instance.id == instance_id)
-    )
-    if study_id is None:
-        raise LookupError(f"instance {instance_id} does not exist")
-    return study_id
-
-
 def study_findings(
     session: Session, study_id: int, *, except_sop_instance_uid: str | None = None
 ) -> list[dict[str, Any]]:
@@ -179,17 +167,11 @@ def study_findings(
     return [finding for findings in latest.values() for finding in findings]
 
 
-def locked_study(session: Session, instance_id: int) -> Study:
-    """The study an instance belongs to, locked: serialises workers finishing its images."""
-    study = session.scalar(
-        select(Study)
-        .join(Series, Series.study_id == Study.id)
-        .join(Instance, Instance.series_id == Series.id)
-        .where(Instance.id == instance_id)
-        .with_for_update(of=Study)
-    )
+def locked_study(session: Session, study_id: int) -> Study:
+    """The study, locked: serialises workers finishing its images."""
+    study = session.get(Study, study_id, with_for_update=True)
     if study is None:
-        raise LookupError(f"instance {instance_id} does not exist")
+        raise LookupError(f"study {study_id} does not exist")
     return study
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +41,7 @@ from dicom_node.results import Equipment
 from dicom_node.wakeup import Wakeup
 from storage import queue
 from storage.db import session_scope
-from storage.models import Instance
+from storage.models import Instance, Series
 from storage.spool import Spool
 
 log = get_logger(__name__)
@@ -55,17 +56,24 @@ EngineFactory = Callable[[], Engine]
 def claim_jobs(
     sessions: sessionmaker[Session], worker_id: str, *, limit: int, lease: timedelta
 ) -> list[ClaimedJob]:
-    """Claim up to ``limit`` jobs and read what the pipeline needs of their instances."""
+    """Claim up to ``limit`` jobs and read what the pipeline needs of their instances
+    (and the study each belongs to) in one query."""
     with session_scope(sessions) as session:
         jobs = queue.claim_batch(session, worker_id, limit=limit, kinds=JOB_KINDS, lease=lease)
+        rows = session.execute(
+            select(Instance, Series.study_id)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Instance.id.in_([job.instance_id for job in jobs]))
+        ).all()
+        by_id = {instance.id: (instance, study_id) for instance, study_id in rows}
         claimed = []
         for job in jobs:
-            instance = session.get(Instance, job.instance_id)
-            assert instance is not None  # foreign key
+            instance, study_id = by_id[job.instance_id]  # foreign keys: always there
             claimed.append(
                 ClaimedJob(
                     job_id=job.id,
                     instance_id=instance.id,
+                    study_id=study_id,
                     sop_instance_uid=instance.sop_instance_uid,
                     version=instance.version,
                     sha256=instance.sha256,
