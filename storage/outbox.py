@@ -267,10 +267,6 @@ def counts_by_destination(session: Session) -> dict[str, dict[str, int]]:
     return counts
 
 
-def count_in_state(session: Session, state: SendState) -> int:
-    return session.scalar(select(func.count()).select_from(Send).where(Send.state == state)) or 0
-
-
 def list_sends(
     session: Session,
     *,

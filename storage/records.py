@@ -229,16 +229,6 @@ def _audit(
     )
 
 
-def count_instances_since(session: Session, since: datetime) -> int:
-    """Instances (versions included, duplicates excluded) received since ``since``."""
-    return (
-        session.scalar(
-            select(func.count()).select_from(Instance).where(Instance.received_at >= since)
-        )
-        or 0
-    )
-
-
 def count_instances(session: Session) -> int:
     """All stored instance versions."""
     return session.scalar(select(func.count()).select_from(Instance)) or 0

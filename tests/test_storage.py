@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import heartbeat
 from storage.db import current_revision, head_revision, make_engine, session_scope, upgrade
+from storage.metrics import instance_figures
 from storage.models import AuditEvent, Base, Instance, Job, JobState, Series, Study, utcnow
 from storage.queue import (
     InvalidTransition,
@@ -33,7 +34,6 @@ from storage.records import (
     Disposition,
     ReceivedInstance,
     count_instances,
-    count_instances_since,
     record_received,
 )
 from storage.spool import Spool
@@ -183,8 +183,8 @@ def test_concurrent_first_arrivals_of_one_study(sessions: sessionmaker[Session])
         assert s.scalar(select(func.count()).select_from(Study)) == 1
         assert s.scalar(select(func.count()).select_from(Instance)) == 8
         assert count_instances(s) == 8
-        assert count_instances_since(s, utcnow() - timedelta(hours=1)) == 8
-        assert count_instances_since(s, utcnow() + timedelta(minutes=1)) == 0
+        assert instance_figures(s, utcnow() - timedelta(hours=1)).recent == 8
+        assert instance_figures(s, utcnow() + timedelta(minutes=1)).recent == 0
 
 
 def test_concurrent_identical_resends_store_once(sessions: sessionmaker[Session]) -> None:
