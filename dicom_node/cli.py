@@ -547,6 +547,3 @@ from dicom_node.cli_models import models_app  # noqa: E402
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.add_typer(destinations_app, name="destinations")
-
-if __name__ == "__main__":  # pragma: no cover
-    app()
