@@ -21,6 +21,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -129,6 +130,12 @@ def current_revision(engine: Engine) -> str | None:
 def head_revision() -> str | None:
     """The newest revision shipped with this version of the code."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def dialect_insert(session: Session) -> Any:
+    """The backend's own ``insert`` construct: both PostgreSQL and SQLite have
+    ``ON CONFLICT DO NOTHING``, which the generic one does not offer."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def ping(engine: Engine) -> None:

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.audit import record_event
+from storage.db import dialect_insert
 from storage.models import Send, SendState, utcnow
 from storage.queue import owner_is_gone
 
@@ -94,7 +94,7 @@ def enqueue_send(session: Session, item: OutgoingObject, *, actor: str) -> int |
         "first_enqueued_at": now,
         "updated_at": now,
     }
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     statement = (
         insert(Send)
         .values(**values)

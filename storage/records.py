@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.audit import record_event
-from storage.db import session_scope
+from storage.db import dialect_insert, session_scope
 from storage.models import Instance, Series, Study
 from storage.queue import enqueue
 
@@ -188,7 +187,7 @@ def _get_or_create(
     found = session.scalar(select(model.id).where(column == values[key]))
     if found is not None:
         return found, False
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     statement = insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
     created = session.scalar(statement.returning(model.id))
     if created is not None:
