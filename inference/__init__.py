@@ -10,6 +10,10 @@ one module per step::
     cascade.py     screen → confirm for a batch: ``Cascade.load().analyze(datasets)``
     explain.py     Grad-CAM and the rendered overlay
     bundle.py      MONAI-layout model bundles, verified by sha256 at load
+    datasets.py    labelled image folders (``labels.csv``) for training and evaluation
     train.py       ``python -m inference.train --data …/kermany-train --adults …/nih-sample``
     evaluate.py    metrics, calibration; ``python -m inference.evaluate --data FOLDER``
+
+``train`` imports ``evaluate`` (metrics, calibration), never the other way round; both read
+labelled folders through ``datasets``.
 """

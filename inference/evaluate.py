@@ -126,8 +126,8 @@ def evaluate_folder(data: Path, limit: int | None = None, batch: int = 32) -> di
     screen probability (called absent) where it did not.
     """
     from inference.cascade import Cascade
+    from inference.datasets import load_labelled
     from inference.decode import DecodedImage
-    from inference.train import load_labelled
 
     split = load_labelled(data, limit)
     cascade = Cascade.load(heatmaps=False)
