@@ -10,7 +10,9 @@ An empty rule list counts as "none configured"; to analyse nothing, end the list
 catch-all rule (no ``match``) whose pipeline is ``"none"``. When no rule matches, the
 instance is stored but not analysed (pipeline ``"none"``, no destinations); a rule with
 pipeline ``"none"`` produces nothing, so it sends nowhere either; ``destinations = []``
-analyses but sends nowhere (results only on the dashboard).
+analyses but sends nowhere (results only on the dashboard). ``outputs`` names the output
+types written for each analysed image (:mod:`dicom_node.results.registry`; default
+``["sr", "sc"]``).
 
 TOML schema (one table per rule)::
 
@@ -18,6 +20,7 @@ TOML schema (one table per rule)::
     name = "adult-chest-dx"            # unique, shown in explanations and the dashboard
     pipeline = "cxr-cascade"           # "cxr-cascade" | "none" (alias "ignore": store only)
     destinations = ["pacs"]            # names of [[destinations]]; omitted or ["*"] = all
+    outputs = ["sr", "sc"]             # output types written per image; omitted = sr, sc
     description = "optional free text"
 
     [rules.match]                      # omitted = matches every instance
@@ -100,6 +103,8 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
+
+from dicom_node.results.registry import DEFAULT_OUTPUTS, check_output_names
 
 PIPELINE_CASCADE = "cxr-cascade"
 PIPELINE_NONE = "none"
@@ -558,6 +563,7 @@ class Rule(_Model):
     name: str = Field(min_length=1)
     pipeline: Pipeline
     destinations: tuple[str, ...] = (ALL_DESTINATIONS,)
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     match: Condition | None = None
     description: str = ""
 
@@ -583,6 +589,11 @@ class Rule(_Model):
             raise ValueError("a destination name may not be blank")
         return names
 
+    @field_validator("outputs")
+    @classmethod
+    def _check_outputs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_output_names(value)
+
     def evaluate(self, context: _Context) -> Outcome:
         if self.match is None:
             return Outcome(True, "no conditions (matches every instance)")
@@ -595,6 +606,40 @@ class Rule(_Model):
         if self.destinations == (ALL_DESTINATIONS,):
             return tuple(configured)
         return self.destinations
+
+    def resolve_outputs(self) -> tuple[str, ...]:
+        """Output types written for a matched image; none when its pipeline produces nothing."""
+        return () if self.pipeline == PIPELINE_NONE else self.outputs
+
+
+class RuleError(ValueError):
+    """Rules that are invalid together (names, references); ``key`` names the entry."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def check_rules(rules: Sequence[Rule], destinations: Sequence[str]) -> None:
+    """Rule names are unique and every destination a rule names is one of ``destinations``.
+
+    The one check of these, for the configuration and :class:`RuleSet` alike; raises
+    :class:`RuleError` naming ``rules.<n>.name`` or ``rules.<n>.destinations``.
+    """
+    seen: set[str] = set()
+    for index, rule in enumerate(rules):
+        if rule.name in seen:
+            raise RuleError(f"rules.{index}.name", f"rule name {rule.name!r} is used twice")
+        seen.add(rule.name)
+        unknown = [n for n in rule.destinations if n != ALL_DESTINATIONS and n not in destinations]
+        if unknown:
+            known = ", ".join(destinations) or "none"
+            raise RuleError(
+                f"rules.{index}.destinations",
+                f"rule {rule.name!r} names unknown destination {unknown[0]!r} "
+                f"(configured: {known})",
+            )
 
 
 DEFAULT_RULE = Rule.model_validate(
@@ -623,40 +668,18 @@ DEFAULT_RULE = Rule.model_validate(
 class RuleSet(_Model):
     """The configured rules together with the destination names they may refer to.
 
-    An empty ``rules`` list means "none configured": :data:`DEFAULT_RULE` applies.
+    The names come from validated destinations, whose uniqueness
+    :func:`dicom_node.dispatch.check_unique_names` checks. An empty ``rules`` list means
+    "none configured": :data:`DEFAULT_RULE` applies.
     """
 
     destinations: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
 
-    @field_validator("destinations")
-    @classmethod
-    def _unique_destinations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        seen: set[str] = set()
-        for name in value:
-            if name in seen:
-                raise ValueError(f"destination {name!r} is configured twice")
-            seen.add(name)
-        return value
-
     @field_validator("rules")
     @classmethod
     def _check_rules(cls, rules: tuple[Rule, ...], info: ValidationInfo) -> tuple[Rule, ...]:
-        """Unique names; every destination a rule names must be configured."""
-        configured = set(info.data.get("destinations", ()))
-        seen: set[str] = set()
-        for index, rule in enumerate(rules):
-            if rule.name in seen:
-                raise ValueError(f"rules.{index}.name: rule name {rule.name!r} is used twice")
-            seen.add(rule.name)
-            wanted = [name for name in rule.destinations if name != ALL_DESTINATIONS]
-            unknown = [name for name in wanted if name not in configured]
-            if unknown:
-                known = ", ".join(sorted(configured)) or "none"
-                raise ValueError(
-                    f"rules.{index}.destinations (rule {rule.name!r}): unknown destination "
-                    f"{unknown[0]!r} (configured: {known})"
-                )
+        check_rules(rules, info.data.get("destinations", ()))
         return rules
 
     @property
@@ -692,11 +715,13 @@ class RuleTrace(_Model):
 
 
 class RouteDecision(_Model):
-    """Where one instance goes: the matched rule, its pipeline and result destinations."""
+    """Where one instance goes: the matched rule, its pipeline, the output types it writes
+    and the destinations they go to (no outputs and no destinations for pipeline "none")."""
 
     rule: str | None
     pipeline: Pipeline
     destinations: tuple[str, ...]
+    outputs: tuple[str, ...] = ()
     reason: str
     trace: tuple[RuleTrace, ...]
     default_rule: bool = False
@@ -730,6 +755,7 @@ def evaluate(
                 rule=rule.name,
                 pipeline=rule.pipeline,
                 destinations=rule.resolve_destinations(rules.destinations),
+                outputs=rule.resolve_outputs(),
                 reason=f"rule {rule.name!r} matched: {outcome.reason}",
                 trace=tuple(trace),
                 default_rule=not rules.rules,
@@ -777,6 +803,7 @@ def _report_one(
             "rule": None,
             "pipeline": None,
             "destinations": [],
+            "outputs": [],
             "reason": error,
             "trace": [],
             "default_rule": None,

@@ -31,8 +31,10 @@ from dicom_node.rules import (
     PIPELINE_CASCADE,
     PIPELINE_NONE,
     RouteDecision,
+    RuleError,
     RuleSet,
     as_number,
+    check_rules,
     evaluate,
     load_rules,
     rules_test_report,
@@ -454,7 +456,7 @@ def _rule(match: dict[str, Any], **extra: Any) -> dict[str, Any]:
                 "rules": [{"name": "a", "pipeline": "cxr-cascade", "destinations": ["pcas"]}],
             },
             "rules",
-            "rules.0.destinations (rule 'a'): unknown destination 'pcas'",
+            "rules.0.destinations: rule 'a' names unknown destination 'pcas' (configured: pacs)",
         ),
         (
             _rule({"attribute": "Modality", "regex": "(["}),
@@ -511,7 +513,7 @@ def _rule(match: dict[str, Any], **extra: Any) -> dict[str, Any]:
             "rules",
             "rules.1.name: rule name 'a' is used twice",
         ),
-        ({"destinations": ["pacs", "pacs"]}, "destinations", "'pacs' is configured twice"),
+        (_rule({}, outputs=["sr", "pdf"]), "rules.0.outputs", "unknown output type 'pdf'"),
         ({"rules": [{"name": " ", "pipeline": "none"}]}, "rules.0.name", "may not be blank"),
     ],
 )
@@ -522,6 +524,65 @@ def test_invalid_config_is_rejected_naming_the_key(
         RuleSet.model_validate(config)
     errors = [(".".join(map(str, e["loc"])), e["msg"]) for e in info.value.errors()]
     assert any(loc == where and message in msg for loc, msg in errors), errors
+
+
+def test_check_rules_is_the_one_check_of_names_and_references() -> None:
+    rules = RuleSet.model_validate(
+        {"rules": [{"name": "a", "pipeline": "none"}, {"name": "b", "pipeline": "none"}]}
+    ).rules
+    check_rules(rules, [])
+    with pytest.raises(RuleError) as info:
+        check_rules((rules[0], rules[0]), [])
+    assert (info.value.key, info.value.reason) == ("rules.1.name", "rule name 'a' is used twice")
+    sending = rule_set({"name": "s", "pipeline": "cxr-cascade"}).rules[0]
+    named = sending.model_copy(update={"destinations": ("pacs", "ris")})
+    check_rules([named], ["pacs", "ris"])
+    with pytest.raises(RuleError) as info:
+        check_rules([named], ["pacs"])
+    assert info.value.key == "rules.0.destinations"
+    assert info.value.reason == "rule 's' names unknown destination 'ris' (configured: pacs)"
+
+
+class TestOutputs:
+    def test_default_outputs(self) -> None:
+        rules = rule_set({"name": "all", "pipeline": "cxr-cascade"})
+        assert rules.rules[0].outputs == ("sr", "sc")
+        decision = evaluate(rules, make_ds())
+        assert decision.outputs == ("sr", "sc")
+        assert DEFAULT_RULE.outputs == ("sr", "sc")
+
+    def test_rule_names_its_outputs(self) -> None:
+        rules = rule_set({"name": "sr-only", "pipeline": "cxr-cascade", "outputs": ["sr"]})
+        assert rules.rules[0].outputs == ("sr",)
+        assert evaluate(rules, make_ds()).outputs == ("sr",)
+
+    def test_outputs_are_deduplicated_and_may_be_empty(self) -> None:
+        rules = rule_set(
+            {"name": "a", "pipeline": "cxr-cascade", "outputs": ["sc", " sr", "sc"]},
+            {"name": "b", "pipeline": "cxr-cascade", "outputs": []},
+        )
+        assert [rule.outputs for rule in rules.rules] == [("sc", "sr"), ()]
+
+    def test_pipeline_none_and_no_match_write_nothing(self) -> None:
+        ignored = evaluate(rule_set({"name": "skip", "pipeline": "ignore"}), make_ds())
+        assert (ignored.rule, ignored.outputs, ignored.destinations) == ("skip", (), ())
+        unmatched = evaluate(
+            rule_set(
+                {"name": "mr", "pipeline": "cxr-cascade", "match": {"is_image": True}},
+            ),
+            make_ds(),
+        )
+        assert (unmatched.rule, unmatched.outputs) == (None, ())
+
+    def test_unknown_output_names_the_key(self) -> None:
+        with pytest.raises(ValidationError) as info:
+            rule_set(
+                {"name": "a", "pipeline": "cxr-cascade"},
+                {"name": "b", "pipeline": "none", "outputs": ["sr", "dicom-seg"]},
+            )
+        (error,) = info.value.errors()
+        assert error["loc"] == ("rules", 1, "outputs")
+        assert "unknown output type 'dicom-seg' (known: sc, sr)" in error["msg"]
 
 
 # ----------------------------------------------------------------- default rule, real files
@@ -589,6 +650,8 @@ def test_rules_test_report(tmp_path: Path) -> None:
     assert [entry["pipeline"] for entry in report] == [PIPELINE_CASCADE, PIPELINE_NONE, None]
     assert report[0]["rule"] == DEFAULT_RULE.name
     assert report[0]["destinations"] == ["pacs"]
+    assert report[0]["outputs"] == ["sr", "sc"]
+    assert report[1]["outputs"] == [] and report[2]["outputs"] == []
     assert report[1]["trace"][0]["matched"] is False
     assert report[2]["error"].startswith("cannot read as DICOM")
 
