@@ -15,10 +15,12 @@ not leave a node open to everyone. Adding a section later (e.g. ``[inference]``)
 adding one model and one field on :class:`Settings`.
 
 Besides sections, the file holds two arrays of tables: ``[[destinations]]``
-(:class:`~dicom_node.dispatch.base.Destination`) and ``[[rules]]``
-(:class:`~dicom_node.rules.Rule`). They refer to each other by name, which is checked
-here, so a rule sending to a misspelt destination stops the node at start-up (exit 2,
-naming ``rules.<n>.destinations``) instead of silently sending nowhere.
+(:data:`~dicom_node.dispatch.Destination`, one model per ``type``) and ``[[rules]]``
+(:class:`~dicom_node.rules.Rule`). They refer to each other by name; the module that owns
+each concept checks it (:func:`dicom_node.dispatch.check_unique_names`,
+:func:`dicom_node.rules.check_rules`) and this one reports the key, so a rule sending to
+a misspelt destination stops the node at start-up (exit 2, naming
+``rules.<n>.destinations``) instead of silently sending nowhere.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import ssl
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -54,11 +55,15 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from dicom_node.dispatch import Destination
-from dicom_node.dispatch.base import validate_ae_title
-from dicom_node.rules import ALL_DESTINATIONS, Rule, RuleSet
-from dicom_node.tls import describe_error as describe_tls_error
-from dicom_node.tls import readable_file, server_context
+from dicom_node.dispatch import (
+    Destination,
+    DestinationError,
+    check_unique_names,
+    destination_types,
+)
+from dicom_node.dispatch.base import field_error, validate_ae_title
+from dicom_node.rules import Rule, RuleError, RuleSet, check_rules
+from dicom_node.tls import KeyMaterialError, check_key_material, server_context
 
 ENV_PREFIX = "DICOM_NODE_"
 CONFIG_ENV = "DICOM_NODE_CONFIG"
@@ -132,22 +137,20 @@ class NodeTlsSettings(_Section):
         """Only an enabled section needs its files; each one is named when it is wrong."""
         if not self.enabled:
             return self
-        for key in ("cert_file", "key_file", "ca_file"):
-            path = getattr(self, key)
+        files = {"cert_file": self.cert_file, "key_file": self.key_file, "ca_file": self.ca_file}
+        for key, path in files.items():
             if path is None and (key != "ca_file" or self.verify_client):
-                raise _keyed_error(f"node.tls.{key}", "required when TLS is enabled")
-            if path is None:
-                continue
-            try:
-                readable_file(path)
-            except ValueError as exc:
-                raise _keyed_error(f"node.tls.{key}", str(exc)) from None
-        assert self.cert_file is not None and self.key_file is not None
+                raise field_error(key, "required when TLS is enabled")
+        cert_file, key_file = self.cert_file, self.key_file
+        assert cert_file is not None and key_file is not None
         try:
-            server_context(self.cert_file, self.key_file, self.ca_file, self.verify_client)
-        except (ssl.SSLError, OSError) as exc:
-            reason = f"cannot load certificate, key or CA: {describe_tls_error(exc)}"
-            raise _keyed_error("node.tls.key_file", reason) from None
+            check_key_material(
+                files,
+                lambda: server_context(cert_file, key_file, self.ca_file, self.verify_client),
+                "key_file",
+            )
+        except KeyMaterialError as exc:
+            raise field_error(exc.key, exc.reason) from None
         return self
 
 
@@ -437,35 +440,20 @@ class Settings(BaseSettings):
     @field_validator("destinations")
     @classmethod
     def _unique_destinations(cls, value: list[Destination]) -> list[Destination]:
-        seen: set[str] = set()
-        for index, destination in enumerate(value):
-            if destination.name in seen:
-                raise _keyed_error(
-                    f"destinations.{index}.name", f"destination {destination.name!r} is used twice"
-                )
-            seen.add(destination.name)
+        try:
+            check_unique_names(value)
+        except DestinationError as exc:
+            raise _keyed_error(exc.key, exc.reason) from None
         return value
 
     @field_validator("rules")
     @classmethod
     def _check_rules(cls, value: list[Rule], info: ValidationInfo) -> list[Rule]:
-        """Unique rule names; every destination a rule names must be configured."""
         configured = [d.name for d in info.data.get("destinations") or []]
-        seen: set[str] = set()
-        for index, rule in enumerate(value):
-            if rule.name in seen:
-                raise _keyed_error(f"rules.{index}.name", f"rule name {rule.name!r} is used twice")
-            seen.add(rule.name)
-            unknown = [
-                n for n in rule.destinations if n != ALL_DESTINATIONS and n not in configured
-            ]
-            if unknown:
-                known = ", ".join(configured) or "none"
-                raise _keyed_error(
-                    f"rules.{index}.destinations",
-                    f"rule {rule.name!r} names unknown destination {unknown[0]!r} "
-                    f"(configured: {known})",
-                )
+        try:
+            check_rules(value, configured)
+        except RuleError as exc:
+            raise _keyed_error(exc.key, exc.reason) from None
         return value
 
     @property
@@ -476,6 +464,7 @@ class Settings(BaseSettings):
         )
 
     def destination(self, name: str) -> Destination | None:
+        """The destination called ``name``; its ``delivers`` says what it is sent."""
         return next((d for d in self.destinations if d.name == name), None)
 
     @classmethod
@@ -521,7 +510,8 @@ class _TomlSource(PydanticBaseSettingsSource):
 
 def _keyed_error(key: str, reason: str) -> PydanticCustomError:
     """A validation error that names its precise key (a field validator's location is
-    only the field), picked up by :func:`describe_error`."""
+    only the field), picked up by :func:`describe_error`. Model validators name the key
+    relative to their model with :func:`~dicom_node.dispatch.base.field_error`."""
     return PydanticCustomError("invalid_reference", "{reason}", {"key": key, "reason": reason})
 
 
@@ -568,16 +558,36 @@ def describe_error(exc: ValidationError, path: Path | None) -> str:
     """One line: which key is wrong, why, the offending value and where it came from."""
     errors = exc.errors()
     first = errors[0]
-    loc = tuple(str(part) for part in first["loc"])
-    key = str((first.get("ctx") or {}).get("key") or ".".join(loc) or "<root>")
-    reason = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    loc, kind = _file_location(tuple(str(part) for part in first["loc"]))
+    ctx = first.get("ctx") or {}
+    reason = first["msg"]
+    if first["type"] == "extra_forbidden":
+        reason = "unknown key" if kind is None else f"unknown key for type {kind!r}"
+    if first["type"] == "invalid_field":  # field_error(): a key relative to the model
+        loc, reason = (*loc, str(ctx["field"])), str(ctx["reason"])
+    key = str(ctx.get("key") or ".".join(loc) or "<root>")
     reason = reason.removeprefix("Value error, ")
     value = first.get("input")
-    quiet = isinstance(value, dict) or first["type"] in ("missing", "invalid_reference")
+    quiet = isinstance(value, dict) or first["type"] in (
+        "missing",
+        "invalid_reference",
+        "invalid_field",
+    )
     shown = "" if quiet else f" (got {value!r})"
     more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
     line = f"{key}: {reason}{shown}, from {_source_of(loc, path)}{more}"
     return " ".join(line.split())
+
+
+def _file_location(loc: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    """The location as keys of the file, and the destination type it is in, if any.
+
+    pydantic puts the union member a destination was validated as into the location
+    (``destinations.0.dicom.port``); the file has no such key.
+    """
+    if len(loc) > 2 and loc[0] == "destinations" and loc[2] in destination_types():
+        return (*loc[:2], *loc[3:]), loc[2]
+    return loc, None
 
 
 def _source_of(loc: tuple[str, ...], path: Path | None) -> str:

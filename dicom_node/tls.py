@@ -16,6 +16,7 @@ import contextlib
 import os
 import socket
 import ssl
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,38 @@ def readable_file(path: Path) -> Path:
     if not os.access(path, os.R_OK):
         raise ValueError(f"file not readable: {path}")
     return path
+
+
+class KeyMaterialError(ValueError):
+    """A TLS setting that cannot be used; ``key`` names it (``cert_file``, ``key_file``…)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def check_key_material(
+    files: Mapping[str, Path | None], load: Callable[[], object], blame: str
+) -> None:
+    """The one check of a TLS section's files, for the listener and destinations alike.
+
+    Every given file must be readable (a :class:`KeyMaterialError` names the first one
+    that is not); then ``load`` builds the context from them, and a certificate, key or
+    CA it cannot load is reported against the setting ``blame``.
+    """
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            readable_file(path)
+        except ValueError as exc:
+            raise KeyMaterialError(key, str(exc)) from None
+    try:
+        load()
+    except (ssl.SSLError, OSError) as exc:
+        reason = f"cannot load certificate, key or CA: {describe_error(exc)}"
+        raise KeyMaterialError(blame, reason) from None
 
 
 class _DeferredHandshakeContext(ssl.SSLContext):

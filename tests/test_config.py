@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import ConfigError, Settings, load_settings, to_toml, validate_ae_title
+from dicom_node.dispatch import DicomDestination, Hl7Destination
 from storage.db import head_revision
-from tests.support import run
+from tests.support import REPO_ROOT, run
 
 
 def write(path: Path, text: str) -> Path:
@@ -261,6 +262,28 @@ def test_no_rules_means_the_built_in_default(tmp_path: Path) -> None:
         ),
         (ROUTING.replace('equals = "CHEST"', 'equal = "CHEST"'), "rules.1.match", ""),
         (ROUTING.replace("port = 104", "port = 0"), "destinations.0.port", "greater than"),
+        (
+            ROUTING.replace('name = "pacs"\n', 'name = "pacs"\ntype = "stow"\n'),
+            "destinations.0.type",
+            "unknown destination type 'stow' (known: dicom, hl7)",
+        ),
+        (
+            ROUTING.replace("port = 104", "port = 104\naetitle = 'PACS'"),
+            "destinations.0.aetitle",
+            "unknown key for type 'dicom'",
+        ),
+        (
+            ROUTING.replace('name = "pacs"\n', 'name = "pacs"\ntype = "hl7"\n'),
+            "destinations.0.ae_title",
+            "unknown key for type 'hl7'",
+        ),
+        (
+            ROUTING.replace(
+                'destinations = ["pacs"]', 'destinations = ["pacs"]\noutputs = ["pdf"]'
+            ),
+            "rules.1.outputs",
+            "unknown output type 'pdf' (known: sc, sr)",
+        ),
         ("[worker]\nthreads = -1\n", "worker.threads", "greater than or equal to 0"),
     ],
 )
@@ -271,6 +294,36 @@ def test_routing_errors_name_the_key(tmp_path: Path, text: str, key: str, reason
     message = str(caught.value)
     assert message.startswith(key) and reason in message and str(config) in message
     assert "\n" not in message
+
+
+def test_destination_types_and_rule_outputs(tmp_path: Path) -> None:
+    text = ROUTING.replace('destinations = ["pacs"]', 'destinations = ["pacs"]\noutputs = ["sr"]')
+    text += """
+[[destinations]]
+name = "ris"
+type = "hl7"
+host = "10.0.0.7"
+port = 2575
+receiving_facility = "RADIOLOGY"
+"""
+    settings = load_settings(write(tmp_path / "node.toml", text))
+    pacs, ris = settings.destination("pacs"), settings.destination("ris")
+    assert isinstance(pacs, DicomDestination) and isinstance(ris, Hl7Destination)
+    assert (pacs.delivers, ris.delivers) == ("objects", "study_events")
+    assert ris.receiving_facility == "RADIOLOGY" and ris.timeout("connect") == 30
+    assert [rule.outputs for rule in settings.rules] == [("sr", "sc"), ("sr",)]
+    again = load_settings(write(tmp_path / "shown.toml", to_toml(settings)))
+    assert again.destinations == settings.destinations and again.rules == settings.rules
+
+
+def test_validating_a_configuration_loads_no_sender() -> None:
+    code = (
+        "import sys, dicom_node.config; "
+        "print(sorted(m for m in ('pynetdicom', 'hl7apy') if m in sys.modules))"
+    )
+    result = run([sys.executable, "-c", code], cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_unknown_destination_in_a_rule_exits_2(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import pydicom
 import pytest
@@ -28,8 +28,23 @@ from pydicom.uid import (
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
 
-from dicom_node.dispatch import Destination, SendResult, get_sender, register, registered_types
-from dicom_node.dispatch.base import _REGISTRY, check_unique_names
+from dicom_node.dispatch import (
+    DicomDestination,
+    Hl7Destination,
+    SendResult,
+    destination_types,
+    get_sender,
+    parse_destination,
+    register,
+    registered_types,
+)
+from dicom_node.dispatch.base import (
+    _REGISTRY,
+    Delivers,
+    DestinationBase,
+    DestinationError,
+    check_unique_names,
+)
 from dicom_node.dispatch.dicom import (
     MAX_CONTEXTS,
     DicomTarget,
@@ -55,7 +70,7 @@ def dicom_dir() -> Path:
     return root / "dicom"
 
 
-def destination(port: int, **extra: Any) -> Destination:
+def destination(port: int, **extra: Any) -> DicomDestination:
     fields: dict[str, Any] = {
         "name": "peer",
         "ae_title": PEER_AET,
@@ -63,7 +78,7 @@ def destination(port: int, **extra: Any) -> Destination:
         "port": port,
         "timeout_s": 20,
     }
-    return Destination(**{**fields, **extra})
+    return DicomDestination(**{**fields, **extra})
 
 
 def listening(port: int) -> bool:
@@ -411,7 +426,7 @@ def test_classify_status(code: int, success: bool, warning: bool, retryable: boo
 
 
 def test_destination_from_toml_table() -> None:
-    dest = Destination.model_validate(
+    dest = parse_destination(
         {
             "name": "pacs",
             "ae_title": " PACS ",
@@ -420,20 +435,45 @@ def test_destination_from_toml_table() -> None:
             "dimse_timeout_s": 300,
         }
     )
+    assert isinstance(dest, DicomDestination) and dest.delivers == "objects"
     assert (dest.type, dest.ae_title, dest.calling_ae_title) == ("dicom", "PACS", None)
     assert (dest.timeout("dimse"), dest.timeout("acse")) == (300, 30)
+    assert dest.peer == "PACS@pacs.local:104"
     assert isinstance(get_sender(dest.type), DicomTarget)
+
+
+def test_each_type_has_its_model_and_says_what_it_delivers() -> None:
+    ris = parse_destination({"name": "ris", "type": "hl7", "host": "ris", "port": 2575})
+    assert isinstance(ris, Hl7Destination) and ris.delivers == "study_events"
+    assert destination_types() == ("dicom", "hl7")
+    assert (DicomDestination.delivers, Hl7Destination.delivers) == ("objects", "study_events")
+    assert "delivers" not in ris.model_dump()
+
+
+def test_capped_lowers_every_timeout_of_the_type() -> None:
+    dest = destination(104, timeout_s=30, dimse_timeout_s=1)
+    short = dest.capped(2)
+    assert [short.timeout(w) for w in ("acse", "dimse", "network", "connect")] == [2, 1, 2, 2]
+    assert dest.timeout("acse") == 30  # a copy
+    ris = Hl7Destination(name="ris", host="ris", port=2575).capped(2)
+    assert (ris.timeout("network"), ris.timeout("connect")) == (2, 2)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """The key as in the file: without the union member pydantic adds (``dicom.port``)."""
+    parts = [str(part) for part in loc]
+    return ".".join(parts[1:] if parts[:1] and parts[0] in destination_types() else parts)
 
 
 @pytest.mark.parametrize(
     ("table", "where", "message"),
     [
-        ({"name": "p", "host": "h", "port": 104}, "", "ae_title: required for type 'dicom'"),
-        ({"name": "p", "ae_title": "A", "port": 104}, "", "host: required"),
+        ({"name": "p", "host": "h", "port": 104}, "ae_title", "Field required"),
+        ({"name": "p", "ae_title": "A", "port": 104}, "host", "Field required"),
         (
             {"name": "p", "type": "s3", "ae_title": "A", "host": "h", "port": 1},
             "",
-            "unknown destination type 's3'",
+            "type: unknown destination type 's3' (known: dicom, hl7)",
         ),
         ({"name": "p", "ae_title": "X" * 17, "host": "h", "port": 1}, "ae_title", "1 to 16"),
         ({"name": "p", "ae_title": "A", "host": "h", "port": 0}, "port", "greater than"),
@@ -454,34 +494,65 @@ def test_destination_from_toml_table() -> None:
             "aetitle",
             "Extra inputs",
         ),
+        (
+            {"name": "p", "type": "dicom", "ae_title": "A", "host": "h", "port": 1, "x": 1},
+            "x",
+            "Extra inputs",
+        ),
+        # keys of another type are not keys of this one
+        (
+            {"name": "r", "type": "hl7", "host": "h", "port": 1, "ae_title": "A"},
+            "ae_title",
+            "Extra inputs",
+        ),
+        (
+            {"name": "r", "type": "hl7", "host": "h", "port": 1, "tls": {"enabled": True}},
+            "tls",
+            "Extra inputs",
+        ),
+        (
+            {"name": "r", "type": "hl7", "host": "h", "port": 1, "dimse_timeout_s": 5},
+            "dimse_timeout_s",
+            "Extra inputs",
+        ),
+        (
+            {"name": "p", "ae_title": "A", "host": "h", "port": 1, "sending_facility": "H"},
+            "sending_facility",
+            "Extra inputs",
+        ),
     ],
 )
 def test_invalid_destination_names_the_key(table: dict[str, Any], where: str, message: str) -> None:
     with pytest.raises(ValidationError) as info:
-        Destination.model_validate(table)
-    errors = [(".".join(map(str, e["loc"])), e["msg"]) for e in info.value.errors()]
+        parse_destination(table)
+    errors = [(_where(e["loc"]), e["msg"]) for e in info.value.errors()]
     assert any(loc == where and message in msg for loc, msg in errors), errors
 
 
 def test_destination_names_are_unique() -> None:
     first = destination(104)
-    with pytest.raises(ValueError, match=r"destinations.1.name: 'peer' is used twice"):
+    check_unique_names([first, destination(104, name="other")])
+    with pytest.raises(DestinationError, match=r"destinations.1.name: destination 'peer' is used"):
         check_unique_names([first, first])
 
 
 def test_registry_adds_a_target_type() -> None:
-    class NullTarget:
-        required_fields: tuple[str, ...] = ()
+    class NullDestination(DestinationBase):
+        delivers: ClassVar[Delivers] = "objects"
+        type: Literal["null"] = "null"
 
-        def send(self, destination: Destination, items: Any, our_ae_title: str) -> list[SendResult]:
+    class NullTarget:
+        def send(
+            self, destination: NullDestination, items: Any, our_ae_title: str
+        ) -> list[SendResult]:
             return [SendResult(True, None, False, "dropped", "success") for _ in items]
 
-        def check(self, destination: Destination, our_ae_title: str) -> SendResult:
+        def check(self, destination: NullDestination, our_ae_title: str) -> SendResult:
             return SendResult(True, None, False, "ok", "success")
 
     register("null", NullTarget())
     try:
-        dest = Destination(name="bin", type="null")
+        dest = NullDestination(name="bin")
         assert "null" in registered_types()
         assert get_sender(dest.type).send(dest, [make_sr()], OUR_AET)[0].success
     finally:

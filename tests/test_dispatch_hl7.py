@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from dicom_node.dispatch import Destination, get_sender
+from dicom_node.dispatch import Hl7Destination, SendResult, get_sender, parse_destination
 from dicom_node.results.oru import (
     FINAL,
     MessageHeader,
@@ -45,11 +46,11 @@ def message_file(tmp_path: Path, study_uid: str = "1.2.3.4") -> tuple[Path, str]
     return path, str(message.msh.msh_10.value)
 
 
-def destination(port: int, **changes: float) -> Destination:
-    return Destination(name="ris", type="hl7", host="127.0.0.1", port=port, timeout_s=5, **changes)
+def destination(port: int, **changes: float) -> Hl7Destination:
+    return Hl7Destination(name="ris", host="127.0.0.1", port=port, timeout_s=5, **changes)
 
 
-def send(port: int, *paths: Path, **changes: float) -> list:  # type: ignore[type-arg]
+def send(port: int, *paths: Path, **changes: float) -> list[SendResult]:
     return get_sender("hl7").send(destination(port, **changes), list(paths), "CXR_AI")
 
 
@@ -112,7 +113,7 @@ def test_no_listener_is_retryable_and_not_tried_again_for_the_rest(tmp_path: Pat
     assert all(r.retryable and "cannot connect" in r.message for r in results)
 
 
-def raw_peer(behaviour: Callable[[socket.socket], None]) -> tuple[int, threading.Thread]:
+def raw_peer(behaviour: Callable[[socket.socket], object]) -> tuple[int, threading.Thread]:
     """A one-connection TCP peer that does ``behaviour`` with what it accepted."""
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
@@ -172,9 +173,20 @@ def test_check_reports_reachability(receiver: MllpReceiver) -> None:
 
 
 def test_hl7_destinations_need_host_and_port_not_an_ae_title() -> None:
-    with pytest.raises(ValueError, match="host, port: required for type 'hl7'"):
-        Destination(name="ris", type="hl7")
-    ris = Destination(
-        name="ris", type="hl7", host="ris.example", port=2575, receiving_application="RIS"
+    with pytest.raises(ValidationError) as info:
+        parse_destination({"name": "ris", "type": "hl7"})
+    missing = {e["loc"][-1] for e in info.value.errors() if e["type"] == "missing"}
+    assert missing == {"host", "port"}
+    with pytest.raises(ValidationError, match="ae_title"):
+        parse_destination({"name": "ris", "type": "hl7", "host": "h", "port": 1, "ae_title": "A"})
+    ris = parse_destination(
+        {
+            "name": "ris",
+            "type": "hl7",
+            "host": "ris.example",
+            "port": 2575,
+            "receiving_application": "RIS",
+        }
     )
-    assert ris.ae_title is None and ris.receiving_application == "RIS"
+    assert isinstance(ris, Hl7Destination) and ris.receiving_application == "RIS"
+    assert (ris.delivers, ris.peer) == ("study_events", "ris.example:2575")

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import ConfigError, load_settings
-from dicom_node.dispatch import Destination
+from dicom_node.dispatch import DicomDestination
 from dicom_node.dispatch.dicom import echo, send_datasets
 from dicom_node.listener import Listener
 from dicom_node.receive import StoreService
@@ -236,8 +236,8 @@ def tls_storescp(pki: Pki, tmp_path: Path) -> Iterator[tuple[int, Path]]:
         process.wait(timeout=10)
 
 
-def tls_destination(port: int, **tls: Any) -> Destination:
-    return Destination.model_validate(
+def tls_destination(port: int, **tls: Any) -> DicomDestination:
+    return DicomDestination.model_validate(
         {
             "name": "secure-pacs",
             "ae_title": "TLSSCP",
@@ -284,5 +284,36 @@ def test_untrusted_peer_certificate_is_a_retryable_failure(
 
 
 def test_destination_tls_needs_both_certificate_and_key(pki: Pki) -> None:
-    with pytest.raises(ValueError, match="cert_file, key_file: give both or neither"):
+    with pytest.raises(ValueError, match="key_file: required with cert_file"):
         tls_destination(104, cert_file=str(pki.client_cert))
+    with pytest.raises(ValueError, match="cert_file: required with key_file"):
+        tls_destination(104, key_file=str(pki.client_key))
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        (
+            {"ca_file": "/nonexistent/ca.pem"},
+            "destinations.0.tls.ca_file: file not found: /nonexistent/ca.pem",
+        ),
+        ({"cert_file": "CLIENT_CERT"}, "destinations.0.tls.key_file: required with cert_file"),
+        (
+            {"cert_file": "CLIENT_CERT", "key_file": "SERVER_KEY"},
+            "destinations.0.tls.key_file: cannot load certificate, key or CA",
+        ),
+    ],
+)
+def test_destination_tls_errors_name_the_key(pki: Pki, tls: dict[str, str], message: str) -> None:
+    files = {"CLIENT_CERT": str(pki.client_cert), "SERVER_KEY": str(pki.server_key)}
+    table = {
+        "name": "secure-pacs",
+        "ae_title": "TLSSCP",
+        "host": "127.0.0.1",
+        "port": 2762,
+        "tls": {"enabled": True, **{key: files.get(v, v) for key, v in tls.items()}},
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(destinations=[table])
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)

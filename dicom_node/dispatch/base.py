@@ -1,39 +1,38 @@
-"""Destinations, the outcome of a send, and the registry of destination (target) types.
+"""What every destination type shares: the config base, the outcome of a send, the registry.
 
-A destination is one ``[[destinations]]`` table::
+A destination is one ``[[destinations]]`` table; its ``type`` picks the model that
+validates it (:mod:`dicom_node.dispatch.destinations`: ``DicomDestination`` in
+:mod:`~dicom_node.dispatch.dicom_config`, ``Hl7Destination`` in
+:mod:`~dicom_node.dispatch.hl7_config`). Each model derives from
+:class:`DestinationBase`, which holds the keys every type has::
 
     [[destinations]]
-    name = "pacs"                  # referenced by [[rules]] destinations
-    type = "dicom"                 # target type; "dicom" (C-STORE SCU) is the default
-    ae_title = "PACS"              # Called AE Title of the peer
-    host = "10.0.0.5"
-    port = 104
-    calling_ae_title = "CXR_AI_OUT"  # optional; default is our node's AE title
-    timeout_s = 30                 # default for every timeout below
-    # acse_timeout_s / dimse_timeout_s / network_timeout_s / connect_timeout_s: overrides
-    # [destinations.tls]: DICOM TLS (PS3.15 Annex B), see TlsOptions
+    name = "pacs"                  # referenced by [[rules]] destinations; unique
+    type = "dicom"                 # "dicom" (C-STORE SCU, the default) or "hl7" (MLLP)
+    timeout_s = 30                 # default for every timeout of the type
+    connect_timeout_s = 5          # optional overrides: connect_timeout_s, network_timeout_s
+    # … and the keys of the type; a key the type does not have is an error
 
-Adding a destination kind (HL7 MLLP, DICOMweb STOW-RS…) is adding one module that
-implements :class:`TargetType` and calls :func:`register` — the pattern of mercure's
-target-type registry. Failures are *returned* as :class:`SendResult`, never raised, so that
-the outbox that calls a sender decides about retries from data, not from exceptions.
+Adding a destination kind (DICOMweb STOW-RS…) is adding a config model to the union in
+:mod:`~dicom_node.dispatch.destinations` and one module that implements
+:class:`TargetType` and calls :func:`register` — the pattern of mercure's target-type
+registry. Failures are *returned* as :class:`SendResult`, never raised, so that the outbox
+that calls a sender decides about retries from data, not from exceptions.
+
+Nothing here imports pynetdicom or hl7apy: every CLI command validates a configuration.
 """
 
 from __future__ import annotations
 
 import importlib
-import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from pydicom.dataset import Dataset
-
-from dicom_node.tls import ClientContext, client_context, describe_error, readable_file
-
-DEFAULT_TYPE = "dicom"
 
 Category = Literal[
     "success",  # stored / echoed (possibly with a warning status)
@@ -97,69 +96,36 @@ def validate_ae_title(value: str) -> str:
     return title
 
 
-class TlsOptions(BaseModel):
-    """``[destinations.tls]``: DICOM TLS (PS3.15 Annex B) to this destination.
+def field_error(field: str, reason: str) -> PydanticCustomError:
+    """A validation error about ``field`` of the model being validated, raised from a
+    model validator: its message is ``"<field>: <reason>"``, and the configuration's
+    error line (:func:`dicom_node.config.describe_error`) names ``<location>.<field>``."""
+    return PydanticCustomError(
+        "invalid_field", "{field}: {reason}", {"field": field, "reason": reason}
+    )
 
-    The peer's certificate is verified against ``ca_file`` (default: the system's trust
-    store) and must name ``server_name`` (default: ``host``); ``cert_file`` and
-    ``key_file`` are our client certificate, for peers that require one. Files are
-    checked when the configuration is loaded and read again for every association, so
-    renewed certificates are picked up without a restart.
+
+Delivers = Literal["objects", "study_events"]
+
+
+class DestinationBase(BaseModel):
+    """The keys every ``[[destinations]]`` table has, whatever its ``type``.
+
+    ``delivers`` says what a type is sent: ``"objects"`` (every output object of an
+    image, e.g. C-STORE) or ``"study_events"`` (one message per finished study, e.g. an
+    HL7 ORU^R01). Timeouts a type does not use are not keys of it; of the specific ones,
+    connect and network are shared by every type so far.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    server_name: str | None = Field(None, min_length=1)
-
-    @model_validator(mode="after")
-    def _usable(self) -> TlsOptions:
-        if not self.enabled:
-            return self
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file, key_file: give both or neither")
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, key)
-            if path is not None:
-                try:
-                    readable_file(path)
-                except ValueError as exc:
-                    raise ValueError(f"{key}: {exc}") from None
-        try:
-            self.context()
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"cannot load certificate, key or CA: {describe_error(exc)}") from None
-        return self
-
-    def context(self) -> ClientContext:
-        """A fresh client context from the files (raises ``ssl.SSLError``/``OSError``)."""
-        return client_context(self.ca_file, self.cert_file, self.key_file)
-
-
-class Destination(BaseModel):
-    """One ``[[destinations]]`` table; which fields are required depends on ``type``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    delivers: ClassVar[Delivers]
 
     name: str = Field(min_length=1)
-    type: str = DEFAULT_TYPE
-    ae_title: str | None = None
-    host: str | None = Field(None, min_length=1)
-    port: int | None = Field(None, ge=1, le=65535)
-    calling_ae_title: str | None = None
-    # type = "hl7": MSH-4 sending facility, MSH-5/MSH-6 receiving application/facility
-    sending_facility: str | None = None
-    receiving_application: str | None = None
-    receiving_facility: str | None = None
+    type: str
     timeout_s: float = Field(30.0, gt=0, description="Default for every timeout, seconds.")
-    acse_timeout_s: float | None = Field(None, gt=0)
-    dimse_timeout_s: float | None = Field(None, gt=0)
-    network_timeout_s: float | None = Field(None, gt=0)
     connect_timeout_s: float | None = Field(None, gt=0)
-    tls: TlsOptions = Field(default_factory=TlsOptions)
+    network_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -169,78 +135,89 @@ class Destination(BaseModel):
             raise ValueError("a destination name may not be blank or '*'")
         return name
 
-    @field_validator("ae_title", "calling_ae_title")
-    @classmethod
-    def _check_ae_title(cls, value: str | None) -> str | None:
-        return None if value is None else validate_ae_title(value)
-
-    @model_validator(mode="after")
-    def _check_type(self) -> Destination:
-        required = required_fields(self.type)
-        if required is None:
-            known = ", ".join(registered_types()) or "none"
-            raise ValueError(f"type: unknown destination type {self.type!r} (known: {known})")
-        missing = [field for field in required if getattr(self, field) is None]
-        if missing:
-            raise ValueError(f"{', '.join(missing)}: required for type {self.type!r}")
-        return self
-
-    def timeout(self, which: Literal["acse", "dimse", "network", "connect"]) -> float:
+    def timeout(self, which: Literal["network", "connect"]) -> float:
         """The specific timeout if configured, else ``timeout_s``."""
+        return self._timeout(which)
+
+    def _timeout(self, which: str) -> float:
         specific: float | None = getattr(self, f"{which}_timeout_s")
         return self.timeout_s if specific is None else specific
 
+    def capped(self, seconds: float) -> Self:
+        """A copy whose every timeout is at most ``seconds`` (quick reachability checks)."""
+        names = [name for name in type(self).model_fields if name.endswith("_timeout_s")]
+        return self.model_copy(
+            update={
+                name: min(self._timeout(name.removesuffix("_timeout_s")), seconds) for name in names
+            }
+        )
 
-def check_unique_names(destinations: Sequence[Destination]) -> Sequence[Destination]:
+    @property
+    def peer(self) -> str:
+        """Where this destination is, for people: e.g. ``PACS@10.0.0.5:104``."""
+        return self.name
+
+
+class DestinationError(ValueError):
+    """A ``[[destinations]]`` list that is invalid as a whole; ``key`` names the entry."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def check_unique_names(destinations: Sequence[DestinationBase]) -> None:
     """Destination names are keys (rules refer to them), so each may appear once."""
     seen: set[str] = set()
     for index, destination in enumerate(destinations):
         if destination.name in seen:
-            raise ValueError(f"destinations.{index}.name: {destination.name!r} is used twice")
+            raise DestinationError(
+                f"destinations.{index}.name", f"destination {destination.name!r} is used twice"
+            )
         seen.add(destination.name)
-    return destinations
 
 
 Sendable = Dataset | str | Path
 
 
-class TargetType(Protocol):
+DestinationT = TypeVar("DestinationT", bound=DestinationBase, contravariant=True)
+
+
+class TargetType(Protocol[DestinationT]):
     """What a destination type implements; one module per type registers one of these."""
 
-    required_fields: tuple[str, ...]
-
     def send(
-        self, destination: Destination, items: Iterable[Sendable], our_ae_title: str
+        self, destination: DestinationT, items: Iterable[Sendable], our_ae_title: str
     ) -> list[SendResult]:
         """Send every item; one result per item, in order; never raises on I/O errors."""
         ...
 
-    def check(self, destination: Destination, our_ae_title: str) -> SendResult:
+    def check(self, destination: DestinationT, our_ae_title: str) -> SendResult:
         """Is the destination reachable and willing (e.g. C-ECHO)?"""
         ...
 
 
-_REGISTRY: dict[str, TargetType] = {}
+_REGISTRY: dict[str, TargetType[Any]] = {}
 
-# Built-in types: module and required fields, so that validating a configuration does not
-# import pynetdicom or hl7apy (every CLI command validates one); the module registers its
-# implementation when first asked for a sender.
-_BUILTIN: dict[str, tuple[str, tuple[str, ...]]] = {
-    "dicom": ("dicom_node.dispatch.dicom", ("ae_title", "host", "port")),
-    "hl7": ("dicom_node.dispatch.hl7", ("host", "port")),
+# Built-in types and the module that registers each one's sender when first asked for
+# it, so that validating a configuration imports neither pynetdicom nor hl7apy.
+_BUILTIN: dict[str, str] = {
+    "dicom": "dicom_node.dispatch.dicom",
+    "hl7": "dicom_node.dispatch.hl7",
 }
 
 
-def register(type_name: str, target: TargetType) -> TargetType:
+def register(type_name: str, target: TargetType[Any]) -> TargetType[Any]:
     """Make ``target`` the implementation of ``type = "<type_name>"`` destinations."""
     _REGISTRY[type_name] = target
     return target
 
 
-def get_sender(type_name: str) -> TargetType:
+def get_sender(type_name: str) -> TargetType[Any]:
     """The implementation for a destination type; ``KeyError`` names the known ones."""
     if type_name not in _REGISTRY and type_name in _BUILTIN:
-        importlib.import_module(_BUILTIN[type_name][0])
+        importlib.import_module(_BUILTIN[type_name])
     try:
         return _REGISTRY[type_name]
     except KeyError:
@@ -248,13 +225,6 @@ def get_sender(type_name: str) -> TargetType:
         raise KeyError(f"unknown destination type {type_name!r} (known: {known})") from None
 
 
-def required_fields(type_name: str) -> tuple[str, ...] | None:
-    """Fields a destination of this type must set; None for an unknown type."""
-    if type_name in _REGISTRY:
-        return _REGISTRY[type_name].required_fields
-    builtin = _BUILTIN.get(type_name)
-    return None if builtin is None else builtin[1]
-
-
 def registered_types() -> tuple[str, ...]:
+    """Types that have (or will load) a sender."""
     return tuple(sorted(set(_REGISTRY) | set(_BUILTIN)))

@@ -43,14 +43,9 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.dispatch.base import (
-    Destination,
-    Sendable,
-    SendResult,
-    register,
-)
+from dicom_node.dispatch.base import Sendable, SendResult, register
 from dicom_node.dispatch.base import failure as _failure
-from dicom_node.dispatch.base import required_fields as _required_fields
+from dicom_node.dispatch.dicom_config import DicomDestination
 from dicom_node.tls import ClientContext
 
 LOG = logging.getLogger(__name__)
@@ -328,7 +323,7 @@ def rejection_text(result: int | None, source: int | None, reason: int | None) -
     )
 
 
-def _make_ae(destination: Destination, our_ae_title: str) -> AE:
+def _make_ae(destination: DicomDestination, our_ae_title: str) -> AE:
     ae = AE(ae_title=destination.calling_ae_title or our_ae_title)
     ae.acse_timeout = destination.timeout("acse")
     ae.dimse_timeout = destination.timeout("dimse")
@@ -338,7 +333,7 @@ def _make_ae(destination: Destination, our_ae_title: str) -> AE:
 
 
 def _associate(
-    destination: Destination, our_ae_title: str, contexts: list[PresentationContext]
+    destination: DicomDestination, our_ae_title: str, contexts: list[PresentationContext]
 ) -> tuple[Association | None, SendResult | None]:
     """Open an association; on failure, the reason as a result instead of an exception."""
     watch = _Watch()
@@ -347,36 +342,34 @@ def _associate(
         if tls_args is not None:
             watch.tls = tls_args[0]
         assoc = _make_ae(destination, our_ae_title).associate(
-            str(destination.host),
-            int(destination.port or 0),
+            destination.host,
+            destination.port,
             contexts=contexts,
-            ae_title=str(destination.ae_title),
+            ae_title=destination.ae_title,
             evt_handlers=watch.handlers,
             tls_args=tls_args,
         )
     except Exception as exc:  # e.g. a host name that does not resolve, a bad AE title
         return None, _failure(
-            "connection", f"cannot connect to {_peer(destination)}: {_brief(exc)}", True
+            "connection", f"cannot connect to {destination.peer}: {_brief(exc)}", True
         )
     if assoc.is_established:
         return assoc, None
     return None, _association_failure(assoc, watch, destination)
 
 
-def _tls_args(destination: Destination) -> tuple[ClientContext, str] | None:
+def _tls_args(destination: DicomDestination) -> tuple[ClientContext, str] | None:
     """pynetdicom's ``tls_args``: a fresh context (certificates re-read) and the name
     the peer's certificate must carry. Unreadable files raise: a connection failure."""
     tls = destination.tls
     if not tls.enabled:
         return None
-    return tls.context(), tls.server_name or str(destination.host)
+    return tls.context(), tls.server_name or destination.host
 
 
-def _peer(destination: Destination) -> str:
-    return f"{destination.ae_title}@{destination.host}:{destination.port}"
-
-
-def _association_failure(assoc: Association, watch: _Watch, destination: Destination) -> SendResult:
+def _association_failure(
+    assoc: Association, watch: _Watch, destination: DicomDestination
+) -> SendResult:
     """Why no association: no connection, rejected, no usable context, aborted, timeout.
 
     All but "no usable context" are retryable: they concern the destination, not the
@@ -384,7 +377,7 @@ def _association_failure(assoc: Association, watch: _Watch, destination: Destina
     usually means a configuration mismatch an operator fixes; until then the outbox keeps
     the objects and backs off.
     """
-    peer = _peer(destination)
+    peer = destination.peer
     response = assoc.acceptor.primitive
     if watch.tls is not None and watch.tls.failure is not None:
         return _failure(
@@ -431,7 +424,7 @@ def _release(assoc: Association) -> None:
 
 
 def send_datasets(
-    destination: Destination, datasets_or_paths: Iterable[Sendable], our_ae_title: str
+    destination: DicomDestination, datasets_or_paths: Iterable[Sendable], our_ae_title: str
 ) -> list[SendResult]:
     """C-STORE every object to a DICOM destination; one result per input, in order.
 
@@ -463,7 +456,7 @@ def send_datasets(
 
 
 def _send_batch(
-    destination: Destination, our_ae_title: str, batch: list[_Item]
+    destination: DicomDestination, our_ae_title: str, batch: list[_Item]
 ) -> dict[int, SendResult]:
     assoc, failure = _associate(destination, our_ae_title, build_contexts(batch))
     if assoc is None:
@@ -475,7 +468,7 @@ def _send_batch(
             if not assoc.is_established:
                 lost = _failure(
                     "aborted",
-                    f"association with {_peer(destination)} lost before this object was sent",
+                    f"association with {destination.peer} lost before this object was sent",
                     True,
                     item.sop_instance,
                 )
@@ -608,7 +601,7 @@ def _has_syntax(dataset: Dataset) -> bool:
     return bool(meta is not None and meta.get("TransferSyntaxUID"))
 
 
-def _log_summary(destination: Destination, results: list[SendResult]) -> None:
+def _log_summary(destination: DicomDestination, results: list[SendResult]) -> None:
     for result in results:
         level = logging.INFO if result.success else logging.WARNING
         LOG.log(
@@ -631,7 +624,7 @@ def _log_summary(destination: Destination, results: list[SendResult]) -> None:
 # --------------------------------------------------------------------------- C-ECHO
 
 
-def echo(destination: Destination, our_ae_title: str) -> SendResult:
+def echo(destination: DicomDestination, our_ae_title: str) -> SendResult:
     """C-ECHO (PS3.7 §9.1.5): is the destination reachable and does it accept us?"""
     assoc, failure = _associate(destination, our_ae_title, [build_context(Verification)])
     if assoc is None:
@@ -651,14 +644,12 @@ def echo(destination: Destination, our_ae_title: str) -> SendResult:
 class DicomTarget:
     """The ``type = "dicom"`` destination: C-STORE SCU, with C-ECHO as its check."""
 
-    required_fields = _required_fields("dicom") or ()
-
     def send(
-        self, destination: Destination, items: Iterable[Sendable], our_ae_title: str
+        self, destination: DicomDestination, items: Iterable[Sendable], our_ae_title: str
     ) -> list[SendResult]:
         return send_datasets(destination, items, our_ae_title)
 
-    def check(self, destination: Destination, our_ae_title: str) -> SendResult:
+    def check(self, destination: DicomDestination, our_ae_title: str) -> SendResult:
         return echo(destination, our_ae_title)
 
 

@@ -1,16 +1,7 @@
 """The ``type = "hl7"`` destination: HL7 v2 messages over MLLP to a RIS or worklist.
 
-::
-
-    [[destinations]]
-    name = "ris"
-    type = "hl7"
-    host = "10.0.0.7"
-    port = 2575
-    receiving_application = "RIS"    # MSH-5, optional
-    receiving_facility = "RADIOLOGY" # MSH-6, optional
-    sending_facility = "HOSPITAL"    # MSH-4, optional
-    timeout_s = 30                   # connect_timeout_s / network_timeout_s override it
+Its configuration (host, port, MSH-4/5/6, timeouts) is
+:class:`~dicom_node.dispatch.hl7_config.Hl7Destination`.
 
 Each item is a file holding one ER7 message (written by :mod:`dicom_node.notify`). It is
 sent in an MLLP block (HL7 v2 Implementation Guide, Appendix C: ``0x0B`` message
@@ -43,9 +34,9 @@ from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
-from dicom_node.dispatch.base import Destination, Sendable, SendResult, register
+from dicom_node.dispatch.base import Sendable, SendResult, register
 from dicom_node.dispatch.base import failure as _failure
-from dicom_node.dispatch.base import required_fields as _required_fields
+from dicom_node.dispatch.hl7_config import Hl7Destination
 
 LOG = logging.getLogger(__name__)
 
@@ -70,7 +61,7 @@ def frame(message: bytes) -> bytes:
     return START_BLOCK + message + END_BLOCK
 
 
-def send_messages(destination: Destination, items: Iterable[Sendable]) -> list[SendResult]:
+def send_messages(destination: Hl7Destination, items: Iterable[Sendable]) -> list[SendResult]:
     """Send every ER7 file; one result per item, in order. Never raises on I/O errors.
 
     After a connection failure the remaining items get the same result without another
@@ -88,7 +79,7 @@ def send_messages(destination: Destination, items: Iterable[Sendable]) -> list[S
 
 
 def _send_one(
-    destination: Destination, item: Sendable, unreachable: SendResult | None
+    destination: Hl7Destination, item: Sendable, unreachable: SendResult | None
 ) -> SendResult:
     try:
         data, control_id = _read(item)
@@ -124,8 +115,8 @@ def _send_one(
     return _acknowledgement(reply, control_id, destination)
 
 
-def _connect(destination: Destination) -> socket.socket:
-    address = (str(destination.host), int(destination.port or 0))
+def _connect(destination: Hl7Destination) -> socket.socket:
+    address = (destination.host, destination.port)
     timeout = destination.timeout("connect")
     try:
         return socket.create_connection(address, timeout=timeout)
@@ -168,7 +159,7 @@ def _read_block(connection: socket.socket) -> str:
         raise AckError("acknowledgement is not UTF-8") from exc
 
 
-def _acknowledgement(reply: str, control_id: str, destination: Destination) -> SendResult:
+def _acknowledgement(reply: str, control_id: str, destination: Hl7Destination) -> SendResult:
     """Map MSA-1 to the outbox's outcome (see the module docstring)."""
     peer = _peer(destination)
     try:
@@ -208,7 +199,7 @@ def _error_code(ack: Message) -> str:
     return ""
 
 
-def _peer(destination: Destination) -> str:
+def _peer(destination: Hl7Destination) -> str:
     return f"{destination.name} ({destination.host}:{destination.port})"
 
 
@@ -216,7 +207,7 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def _log(destination: Destination, result: SendResult) -> None:
+def _log(destination: Hl7Destination, result: SendResult) -> None:
     LOG.log(
         logging.INFO if result.success else logging.WARNING,
         "hl7 message %s",
@@ -232,7 +223,7 @@ def _log(destination: Destination, result: SendResult) -> None:
     )
 
 
-def check(destination: Destination) -> SendResult:
+def check(destination: Hl7Destination) -> SendResult:
     """Reachability: a TCP connection to the MLLP port (HL7 v2 has no echo message)."""
     try:
         with _connect(destination):
@@ -245,14 +236,12 @@ def check(destination: Destination) -> SendResult:
 class Hl7Target:
     """The ``type = "hl7"`` destination: MLLP sender, TCP connect as its check."""
 
-    required_fields = _required_fields("hl7") or ()
-
     def send(
-        self, destination: Destination, items: Iterable[Sendable], our_ae_title: str
+        self, destination: Hl7Destination, items: Iterable[Sendable], our_ae_title: str
     ) -> list[SendResult]:
         return send_messages(destination, items)
 
-    def check(self, destination: Destination, our_ae_title: str) -> SendResult:
+    def check(self, destination: Hl7Destination, our_ae_title: str) -> SendResult:
         return check(destination)
 
 

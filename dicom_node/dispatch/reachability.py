@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
-from dicom_node.dispatch.base import Destination, SendResult, get_sender
+from dicom_node.dispatch.base import DestinationBase, SendResult, get_sender
 
 DEFAULT_TIMEOUT_S = 2.0
 MAX_THREADS = 16
@@ -38,7 +38,10 @@ class Reachability:
 
 
 def check_destinations(
-    destinations: Sequence[Destination], our_ae_title: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    destinations: Sequence[DestinationBase],
+    our_ae_title: str,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[Reachability]:
     """Check every destination at once; results in the order given."""
     if not destinations:
@@ -54,14 +57,9 @@ def check_destinations(
 
 
 def _timed_check(
-    destination: Destination, our_ae_title: str, timeout_s: float
+    destination: DestinationBase, our_ae_title: str, timeout_s: float
 ) -> tuple[SendResult, float]:
-    short = destination.model_copy(
-        update={
-            f"{which}_timeout_s": min(destination.timeout(which), timeout_s)
-            for which in ("acse", "dimse", "network", "connect")
-        }
-    )
+    short = destination.capped(timeout_s)
     started = time.perf_counter()
     try:
         result = get_sender(destination.type).check(short, our_ae_title)
@@ -71,9 +69,9 @@ def _timed_check(
 
 
 def _outcome(
-    destination: Destination, future: Future[tuple[SendResult, float]], timeout_s: float
+    destination: DestinationBase, future: Future[tuple[SendResult, float]], timeout_s: float
 ) -> Reachability:
-    peer = _peer(destination)
+    peer = destination.peer
     if not future.done():
         return Reachability(
             destination.name,
@@ -94,9 +92,3 @@ def _outcome(
         result.message,
         round(latency_ms, 1),
     )
-
-
-def _peer(destination: Destination) -> str:
-    if destination.ae_title and destination.host:
-        return f"{destination.ae_title}@{destination.host}:{destination.port}"
-    return destination.host or destination.name
