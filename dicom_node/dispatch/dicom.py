@@ -26,7 +26,6 @@ Logs name destinations, AE titles and UIDs only, never patient attributes.
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +45,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node.dispatch.base import Sendable, SendResult, register
 from dicom_node.dispatch.base import failure as _failure
 from dicom_node.dispatch.dicom_config import DicomDestination
+from dicom_node.logs import get_logger
 from dicom_node.tls import ClientContext
 
-LOG = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MAX_CONTEXTS = 128
 UNCOMPRESSED_LE: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -416,8 +416,8 @@ def _release(assoc: Association) -> None:
     try:
         if assoc.is_established:
             assoc.release()
-    except Exception:  # the peer may already be gone; nothing left to do
-        LOG.debug("association release failed", exc_info=True)
+    except Exception as exc:  # the peer may already be gone; nothing left to do
+        log.debug("association release failed", error=_brief(exc))
 
 
 # --------------------------------------------------------------------------- C-STORE
@@ -440,11 +440,10 @@ def send_datasets(
         try:
             results.update(_send_batch(destination, our_ae_title, batch))
         except Exception as exc:  # a bug must not look like a crash to the outbox
-            LOG.error(
+            log.error(
                 "c-store batch failed unexpectedly",
-                extra={
-                    "fields": {"destination": destination.name, "error_type": type(exc).__name__}
-                },
+                destination=destination.name,
+                error_type=type(exc).__name__,
             )
             failure = _failure("aborted", f"unexpected error: {type(exc).__name__}", True)
             results.update(
@@ -603,21 +602,15 @@ def _has_syntax(dataset: Dataset) -> bool:
 
 def _log_summary(destination: DicomDestination, results: list[SendResult]) -> None:
     for result in results:
-        level = logging.INFO if result.success else logging.WARNING
-        LOG.log(
-            level,
-            "c-store %s",
-            "sent" if result.success else "failed",
-            extra={
-                "fields": {
-                    "destination": destination.name,
-                    "sop_instance_uid": result.sop_instance_uid,
-                    "status": result.status_hex,
-                    "category": result.category,
-                    "retryable": result.retryable,
-                    "transfer_syntax": result.transfer_syntax,
-                }
-            },
+        emit = log.info if result.success else log.warning
+        emit(
+            "c-store sent" if result.success else "c-store failed",
+            destination=destination.name,
+            sop_instance_uid=result.sop_instance_uid,
+            status=result.status_hex,
+            category=result.category,
+            retryable=result.retryable,
+            transfer_syntax=result.transfer_syntax,
         )
 
 

@@ -25,7 +25,6 @@ ends up in the outbox and in the logs. The message content is never logged eithe
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,8 +36,9 @@ from hl7apy.parser import parse_message
 from dicom_node.dispatch.base import Sendable, SendResult, register
 from dicom_node.dispatch.base import failure as _failure
 from dicom_node.dispatch.hl7_config import Hl7Destination
+from dicom_node.logs import get_logger
 
-LOG = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
@@ -208,18 +208,13 @@ def _brief(exc: BaseException) -> str:
 
 
 def _log(destination: Hl7Destination, result: SendResult) -> None:
-    LOG.log(
-        logging.INFO if result.success else logging.WARNING,
-        "hl7 message %s",
-        "sent" if result.success else "failed",
-        extra={
-            "fields": {
-                "destination": destination.name,
-                "message_control_id": result.sop_instance_uid,
-                "category": result.category,
-                "retryable": result.retryable,
-            }
-        },
+    emit = log.info if result.success else log.warning
+    emit(
+        "hl7 message sent" if result.success else "hl7 message failed",
+        destination=destination.name,
+        message_control_id=result.sop_instance_uid,
+        category=result.category,
+        retryable=result.retryable,
     )
 
 
