@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, Comprehensive3DSRStorage
 
-from dicom_node.results import PRIVATE_SCHEME, Equipment, source_header
+from dicom_node.results.common import PRIVATE_SCHEME, Equipment, source_header
 from dicom_node.results.sr import (
     ABSENT,
     CASCADE_STAGE,

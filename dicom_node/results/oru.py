@@ -50,7 +50,7 @@ from hl7apy.core import Group, Message, Segment
 from hl7apy.factories import datatype_factory
 from pydicom.valuerep import PersonName
 
-from dicom_node.results import PRIVATE_SCHEME
+from dicom_node.results.common import PRIVATE_SCHEME
 from dicom_node.results.sr import CHEST_RADIOGRAPH, PRIORITY, PRIORITY_VALUES, STAGE_VALUES
 
 HL7_VERSION = "2.5.1"

@@ -24,12 +24,13 @@ import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from inference.cascade import Finding
+if TYPE_CHECKING:
+    from inference.cascade import Finding
 
 OutputKind = Literal["sr", "sc"]
 
@@ -58,7 +59,7 @@ def model_identities(findings: Iterable[Finding]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ResultUIDs:
+class OutputUIDs:
     """Series and SOP Instance UID of one output object."""
 
     series_instance_uid: UID
@@ -71,7 +72,7 @@ def result_uids(
     models: Sequence[str],
     source_variant: str | None = None,
     priority: str | None = None,
-) -> ResultUIDs:
+) -> OutputUIDs:
     """UIDs of the ``kind`` output for ``source``, produced by ``models``.
 
     The instance UID derives from the source SOP Instance UID. The series UID derives from
@@ -94,7 +95,7 @@ def result_uids(
         extra += (f"priority:{priority.lower()}",)
     series = derived_uid("series", str(source.SeriesInstanceUID), kind, *models)
     instance = derived_uid("instance", str(source.SOPInstanceUID), kind, *models, *extra)
-    return ResultUIDs(series, instance)
+    return OutputUIDs(series, instance)
 
 
 def tracking_uid(source: Dataset, kind: OutputKind, finding: Finding) -> UID:
