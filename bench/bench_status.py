@@ -104,8 +104,8 @@ POPULATE = [
                    THEN received_at + latency_s * interval '1 second' END
        FROM plan""",
     """INSERT INTO results (id, instance_id, job_id, pipeline, model_key, status, reason,
-                            findings, in_domain, warnings, timings_ms, sr_sop_instance_uid,
-                            sr_path, sc_sop_instance_uid, sc_path, created_at, updated_at)
+                            findings, in_domain, warnings, timings_ms, outputs,
+                            created_at, updated_at)
        SELECT n, n, n, 'cxr-cascade', 'screen@1.0.0+confirm@1.0.0',
               CASE WHEN state = 'done' THEN 'scored' WHEN state = 'skipped' THEN 'not_scored'
                    ELSE 'error' END,
@@ -115,10 +115,14 @@ POPULATE = [
                   'probability', round(r::numeric, 3), 'present', r < 0.2,
                   'stage', 'confirm')) ELSE '[]'::jsonb END,
               state = 'done', '[]'::jsonb, '{"total": 800}'::jsonb,
-              CASE WHEN state = 'done' THEN '2.25.1' || n END,
-              CASE WHEN state = 'done' THEN 'outputs/sr/' || n || '.dcm' END,
-              CASE WHEN state = 'done' THEN '2.25.2' || n END,
-              CASE WHEN state = 'done' THEN 'outputs/sc/' || n || '.dcm' END,
+              CASE WHEN state = 'done' THEN jsonb_build_array(
+                  jsonb_build_object('kind', 'sr', 'sop_class_uid', '1.2.840.10008.5.1.4.1.1.88.34',
+                                     'sop_instance_uid', '2.25.1' || n,
+                                     'path', 'outputs/sr/' || n || '.dcm'),
+                  jsonb_build_object('kind', 'sc', 'sop_class_uid', '1.2.840.10008.5.1.4.1.1.7',
+                                     'sop_instance_uid', '2.25.2' || n,
+                                     'path', 'outputs/sc/' || n || '.dcm'))
+                   ELSE '[]'::jsonb END,
               received_at + latency_s * interval '1 second',
               received_at + latency_s * interval '1 second'
        FROM plan WHERE state IN ('done', 'skipped', 'failed')""",

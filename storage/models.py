@@ -282,13 +282,35 @@ class Result(Base):
     ood_distance: Mapped[float | None] = mapped_column(Float)
     warnings: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
     timings_ms: Mapped[dict[str, float]] = mapped_column(JsonDocument, default=dict)
-    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
-    sr_path: Mapped[str | None] = mapped_column(String(255))
-    sc_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
-    sc_path: Mapped[str | None] = mapped_column(String(255))
+    # One {"kind", "sop_class_uid", "sop_instance_uid", "path"} per output object written.
+    outputs: Mapped[list[dict[str, str]]] = mapped_column(JsonDocument, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def output(self, kind: str) -> dict[str, str] | None:
+        """The output object of type ``kind`` (``"sr"``, ``"sc"`` …), if one was written."""
+        return next((item for item in self.outputs or [] if item.get("kind") == kind), None)
+
+    @property
+    def sr_sop_instance_uid(self) -> str | None:
+        return _field(self.output("sr"), "sop_instance_uid")
+
+    @property
+    def sr_path(self) -> str | None:
+        return _field(self.output("sr"), "path")
+
+    @property
+    def sc_sop_instance_uid(self) -> str | None:
+        return _field(self.output("sc"), "sop_instance_uid")
+
+    @property
+    def sc_path(self) -> str | None:
+        return _field(self.output("sc"), "path")
+
+
+def _field(output: dict[str, str] | None, key: str) -> str | None:
+    return None if output is None else output.get(key)
 
 
 class Send(Base):

@@ -35,10 +35,6 @@ class ResultRecord:
     ood_distance: float | None = None
     warnings: Sequence[str] = ()
     timings_ms: Mapping[str, float] = field(default_factory=dict)
-    sr_sop_instance_uid: str | None = None
-    sr_path: str | None = None
-    sc_sop_instance_uid: str | None = None
-    sc_path: str | None = None
 
 
 def record_result(session: Session, record: ResultRecord, *, actor: str) -> Result:
@@ -84,12 +80,32 @@ def _fill(row: Result, record: ResultRecord, now: Any) -> None:
     row.ood_distance = record.ood_distance
     row.warnings = list(record.warnings)
     row.timings_ms = dict(record.timings_ms)
-    row.sr_sop_instance_uid = record.sr_sop_instance_uid
-    row.sr_path = record.sr_path
-    row.sc_sop_instance_uid = record.sc_sop_instance_uid
-    row.sc_path = record.sc_path
+    row.outputs = []  # set_outputs: the objects written for this analysis
     row.updated_at = now
     row.purged_at = None
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One output object written for a result, as the row lists it."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str  # in the spool
+
+
+def set_outputs(row: Result, files: Sequence[OutputFile]) -> None:
+    """List the objects written for ``row`` (replacing those of an earlier run)."""
+    row.outputs = [
+        {
+            "kind": item.kind,
+            "sop_class_uid": item.sop_class_uid,
+            "sop_instance_uid": item.sop_instance_uid,
+            "path": item.path,
+        }
+        for item in files
+    ]
 
 
 def counts_by_status(session: Session) -> dict[str, int]:

@@ -99,7 +99,7 @@ def _describe(session: Session, instance: Instance) -> _Purgeable:
             select(Result).where(Result.instance_id == instance.id, Result.purged_at.is_(None))
         )
     )
-    files = [path for r in results for path in (r.sr_path, r.sc_path) if path]
+    files = [item["path"] for r in results for item in r.outputs or [] if item.get("path")]
     # Whatever else the outbox delivered for it (an HL7 message naming the patient).
     sent = session.scalars(select(Send.file_path).where(Send.instance_id == instance.id))
     files += sorted(set(sent) - set(files))

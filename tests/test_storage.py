@@ -67,9 +67,9 @@ def received(uid: str = "1.2.3.4.5", sha: str = "a" * 64, **changes: object) -> 
 
 
 def test_migrations_reach_head_and_are_idempotent(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0005"
+    assert current_revision(engine) == head_revision() == "0006"
     upgrade(engine)  # second run is a no-op
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == head_revision()
 
 
 def test_models_match_migrations(engine: Engine) -> None:
@@ -97,7 +97,7 @@ def test_concurrent_upgrades_do_not_collide(database_url: str) -> None:
     for t in threads:
         t.join(timeout=120)
     assert errors == []
-    assert current_revision(engines[0]) == "0005"
+    assert current_revision(engines[0]) == "0006"
     for e in engines:
         e.dispose()
 
@@ -111,7 +111,7 @@ def test_cli_db_upgrade(database_url: str, tmp_path: Path) -> None:
     result = run([sys.executable, "-m", "dicom_node", "db", "upgrade"], env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     engine = make_engine(database_url)
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == head_revision()
     engine.dispose()
 
 
@@ -449,7 +449,7 @@ def test_migrations_downgrade_and_upgrade_again(engine: Engine) -> None:
         command.downgrade(alembic_config(connection), "0001")
     assert current_revision(engine) == "0001"
     upgrade(engine)
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == head_revision()
 
 
 def test_spool_outputs_are_replaced_atomically_and_removable(spool: Spool) -> None:
