@@ -23,7 +23,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicom_node.config import InferenceSettings
 from dicom_node.logs import get_logger
 from dicom_node.outputs import build_outputs
-from dicom_node.results import Equipment
+from dicom_node.results.common import Equipment
+from dicom_node.results.registry import BuildInputs, output_names, output_types
 from inference.bundle import Bundle, Label
 from inference.cascade import SCORED, Cascade, Finding, ImageResult
 
@@ -96,13 +97,15 @@ def warm_up(engine: Engine, equipment: Equipment) -> None:
             findings=[Finding(_WARM_UP_LABEL, 0.5, False, "screen", 0.5, "warm-up", "0")],
             overlay=np.zeros((64, 64, 3), dtype=np.uint8),
         )
-        build_outputs(
-            source,
-            result,
+        inputs = BuildInputs(
+            source=source,
+            result=result,
             equipment=equipment,
             content_datetime=datetime.datetime.now(),
             source_variant=None,
+            priority="routine",
         )
+        build_outputs(output_types(output_names()), inputs)
     except Exception as exc:  # best effort by design
         log.warning("engine warm-up failed", error_type=type(exc).__name__, error=str(exc)[:200])
 

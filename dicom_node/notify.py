@@ -1,4 +1,10 @@
-"""Notify the RIS when a study is finished: one HL7 ORU^R01 per ``type = "hl7"`` destination.
+"""Study-level notifications: when a study is finished, one message per study-event destination.
+
+A destination type declares whether it takes objects (the SR, SC … of every image) or
+study events (:mod:`dicom_node.dispatch`); the pipeline hands the study-event
+destinations of a finishing image's rule to :class:`StudyNotifier`, which builds each
+destination type's message — today HL7 v2 ORU^R01 for ``type = "hl7"``, the only such
+type (a new study-event type adds its message builder here, next to the ORU's).
 
 Called by the pipeline in the transaction that finishes a job, after the study's priority
 was updated (:mod:`dicom_node.priority`). A study is *finished* when no other job of it is
@@ -50,6 +56,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
 from dicom_node.dispatch import Destination
+from dicom_node.dispatch.hl7_config import Hl7Destination
 from dicom_node.logs import get_logger
 from dicom_node.results.oru import (
     CORRECTED,
@@ -76,7 +83,6 @@ from storage.spool import Spool
 
 log = get_logger(__name__)
 
-HL7_TYPE = "hl7"
 ORU_KIND = "oru"
 ORU_SUFFIX = ".hl7"
 NOT_DICOM = ""  # Send.sop_class_uid of a message: there is no SOP class
@@ -84,19 +90,14 @@ UNFINISHED = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING)
 
 
 class StudyNotifier:
-    """Queues the ORU^R01 of finished studies for the node's hl7 destinations."""
+    """Queues the message of each finished study for its study-event destinations."""
 
-    def __init__(self, destinations: Sequence[Destination], ae_title: str) -> None:
-        self.destinations = {d.name: d for d in destinations if d.type == HL7_TYPE}
-        self.ae_title = ae_title
+    def __init__(self, ae_title: str) -> None:
+        self.ae_title = ae_title  # the sending application of every message
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StudyNotifier:
-        return cls(settings.destinations, settings.node.ae_title)
-
-    def handles(self, destination: str) -> bool:
-        """Whether ``destination`` gets study messages (and so no SR or SC)."""
-        return destination in self.destinations
+        return cls(settings.node.ae_title)
 
     def study_finished(
         self,
@@ -108,15 +109,16 @@ class StudyNotifier:
         job_id: int,
         instance_id: int,
         result_id: int | None,
-        destinations: Sequence[str],
+        destinations: Sequence[Destination],
         actor: str,
     ) -> int:
         """Queue the study's message if job ``job_id`` was its last; returns sends queued.
 
-        ``study`` is locked by the caller (:func:`~dicom_node.priority.locked_study`) and
-        ``findings`` are its :func:`~dicom_node.priority.study_findings`.
+        ``study`` is locked by the caller (:func:`~dicom_node.priority.locked_study`),
+        ``findings`` are its :func:`~dicom_node.priority.study_findings`, and
+        ``destinations`` are the study-event destinations of the finishing image's rule.
         """
-        targets = [self.destinations[name] for name in destinations if self.handles(name)]
+        targets = [d for d in destinations if isinstance(d, Hl7Destination)]
         if not targets:
             return 0
         if _other_unfinished_jobs(session, study.id, job_id):
@@ -140,7 +142,7 @@ class StudyNotifier:
         session: Session,
         spool: Spool,
         report: StudyReport,
-        destination: Destination,
+        destination: Hl7Destination,
         source: _Source,
     ) -> int:
         header = self._header(destination)
@@ -175,7 +177,7 @@ class StudyNotifier:
         )
         return 1
 
-    def _header(self, destination: Destination) -> MessageHeader:
+    def _header(self, destination: Hl7Destination) -> MessageHeader:
         return MessageHeader(
             sending_application=self.ae_title,
             sending_facility=destination.sending_facility or "",

@@ -1,7 +1,8 @@
-"""Write results: the SR and the heatmap SC of one scored image, durable in the spool.
+"""Write outputs: the objects of the rule's output types for one image, durable in the spool.
 
-The builders live in :mod:`dicom_node.results` (one per IOD); this step encodes their
-objects as PS3.10 files and writes them to ``spool/outputs/`` with the spool's
+The builders live in :mod:`dicom_node.results`, one module per output type, found through
+:mod:`dicom_node.results.registry`; this step builds the types a rule asks for, encodes
+them as PS3.10 files and writes them to ``spool/outputs/`` with the spool's
 tmp → fsync → rename discipline, *before* the worker's transaction records them and
 queues their sends. A crash in between leaves at worst an output file that the re-run
 job overwrites with the same SOP Instance UID — never a second object for the image.
@@ -15,26 +16,22 @@ stored the first one must not be handed a different object under the same UID
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
-from dicom_node.results import Equipment
-from dicom_node.results.heatmap_sc import heatmap_secondary_capture
-from dicom_node.results.sr import measurement_report
-from inference.cascade import ImageResult
+from dicom_node.results.registry import BuildInputs, OutputType
 from storage.spool import Spool
-
-SR, SC = "sr", "sc"
 
 
 @dataclass(frozen=True)
 class Output:
     """One written output object."""
 
-    kind: str  # "sr" | "sc"
+    kind: str  # its output type's name ("sr", "sc" …)
     sop_class_uid: str
     sop_instance_uid: str
     study_instance_uid: str
@@ -42,54 +39,20 @@ class Output:
     size: int
 
 
-def build_outputs(
-    source: Dataset,
-    result: ImageResult,
-    *,
-    equipment: Equipment,
-    content_datetime: datetime.datetime,
-    source_variant: str | None,
-    priority: str | None = None,
-) -> list[tuple[str, Dataset]]:
-    """The SR, and the SC when the engine rendered an overlay, as ``(kind, dataset)``.
+def build_outputs(types: Sequence[OutputType], inputs: BuildInputs) -> list[tuple[str, Dataset]]:
+    """The objects of ``types`` that apply to the result, as ``(type name, dataset)``.
 
-    ``priority`` is the study's level (``"routine"`` …) the SR reports; the SC does not
-    show it, so its UID does not depend on it.
+    A type whose needs the result does not meet (no overlay for the heatmap SC) is left
+    out, not an error.
     """
-    made: list[tuple[str, Dataset]] = [
-        (
-            SR,
-            measurement_report(
-                source,
-                result,
-                equipment=equipment,
-                content_datetime=content_datetime,
-                source_variant=source_variant,
-                priority=priority,
-            ),
-        )
+    made = [
+        (output_type.name, output_type.build(inputs))
+        for output_type in types
+        if output_type.applies_to(inputs.result)
     ]
-    if result.overlay is not None:
-        made.append((SC, _sc(source, result, equipment, content_datetime, source_variant)))
     for _, dataset in made:
-        pin_timestamps(dataset, content_datetime)
+        pin_timestamps(dataset, inputs.content_datetime)
     return made
-
-
-def _sc(
-    source: Dataset,
-    result: ImageResult,
-    equipment: Equipment,
-    content_datetime: datetime.datetime,
-    source_variant: str | None,
-) -> Dataset:
-    return heatmap_secondary_capture(
-        source,
-        result,
-        equipment=equipment,
-        content_datetime=content_datetime,
-        source_variant=source_variant,
-    )
 
 
 def pin_timestamps(dataset: Dataset, moment: datetime.datetime) -> None:

@@ -1,11 +1,22 @@
-"""One batch of claimed jobs: read → route → infer → write results → commit.
+"""One batch of claimed jobs: read → route → infer → write outputs → commit.
 
 For each claimed job the spooled file is read and routed (:mod:`dicom_node.rules`, with
 the calling and called AE titles the image arrived with). Jobs routed to the cascade are
 analysed together — one ``analyze`` call, so a burst shares its forward passes — and each
-outcome is then committed on its own, in **one** transaction: the ``results`` row, one
-outbox entry per destination and output, and the job's final state. There is no moment at
-which a job is ``done`` without its sends queued, or sends exist for a job that is not.
+outcome is then committed on its own, in **one** transaction of three named steps:
+
+1. :meth:`Pipeline._record` — the ``results`` row;
+2. :meth:`Pipeline._reprioritise` — the study, locked, gets its priority recomputed from
+   the latest findings of all its images; the outputs that report it (the SR) are built
+   now, so they state the level the study ends this transaction with;
+3. :meth:`Pipeline._fan_out` — one outbox entry per *output × object destination*, and
+   the study-level notification for the destinations that take study events (a type
+   declares which it takes, :mod:`dicom_node.dispatch`).
+
+Then the job's final state. There is no moment at which a job is ``done`` without its
+sends queued, or sends exist for a job that is not. Which outputs an image gets is its
+rule's ``outputs`` (:mod:`dicom_node.results.registry`); outputs that do not need the
+priority (the heatmap SC, the costly one) are built and written before the transaction.
 
 Outcomes:
 
@@ -28,7 +39,7 @@ the same output UIDs, so nothing is lost).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -37,6 +48,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import PrioritySettings
+from dicom_node.dispatch import Destination
 from dicom_node.engine import Engine
 from dicom_node.logs import get_logger
 from dicom_node.notify import StudyNotifier
@@ -45,18 +57,18 @@ from dicom_node.priority import (
     StudyPriority,
     locked_study,
     study_findings,
-    study_priority,
     update_study_priority,
 )
-from dicom_node.results import Equipment
+from dicom_node.results.common import Equipment
+from dicom_node.results.registry import BuildInputs, OutputType, output_types
 from dicom_node.rules import PIPELINE_NONE, RouteDecision, RuleSet, evaluate
 from dicom_node.wakeup import Wakeup
 from inference.cascade import ERROR, NOT_SCORED, SCORED, ImageResult
 from storage.db import session_scope
-from storage.models import Job, JobState, ResultStatus
+from storage.models import Job, JobState, Result, ResultStatus, Study
 from storage.outbox import OutgoingObject, enqueue_send
 from storage.queue import fail, transition
-from storage.results import ResultRecord, record_result
+from storage.results import OutputFile, ResultRecord, record_result, set_outputs
 from storage.spool import Spool
 
 log = get_logger(__name__)
@@ -89,6 +101,10 @@ class _Work:
     started: float = field(default_factory=time.perf_counter)
 
 
+WriteLate = Callable[[StudyPriority], list[Output]]
+"""Builds and writes the outputs that report the study's priority (called under the lock)."""
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What to commit for one job."""
@@ -96,7 +112,8 @@ class _Outcome:
     state: JobState
     reason: str | None
     record: ResultRecord | None = None
-    outputs: Sequence[Output] = ()
+    outputs: Sequence[Output] = ()  # written before the transaction
+    write_late: WriteLate | None = None
     destinations: Sequence[str] = ()
 
 
@@ -108,8 +125,9 @@ class PipelineContext:
     spool: Spool
     rules: RuleSet
     equipment: Equipment
+    destinations: Mapping[str, Destination] = field(default_factory=dict)
     sends_wakeup: Wakeup | None = None
-    notifier: StudyNotifier | None = None  # HL7 destinations: a message per finished study
+    notifier: StudyNotifier | None = None  # study-event destinations: a message per study
     priority: PrioritySettings = field(default_factory=PrioritySettings)
 
 
@@ -132,7 +150,7 @@ class Pipeline:
         for work, result in zip(works, results, strict=True):
             self._complete(work, result)
 
-    # -- steps ---------------------------------------------------------------------------
+    # -- steps before the transaction ----------------------------------------------------
 
     def _prepare(self, job: ClaimedJob) -> _Work | None:
         """Read and route; jobs that go no further are finished here."""
@@ -147,7 +165,7 @@ class Pipeline:
             return None
         decision = evaluate(self.context.rules, dataset, job.calling_ae, job.called_ae)
         if decision.pipeline == PIPELINE_NONE:
-            if self._commit(job, _Outcome(JobState.SKIPPED, decision.reason)):
+            if self._commit(job, _Outcome(JobState.SKIPPED, decision.reason)) is not None:
                 # The reason quotes attribute values; the job keeps it, the log does not.
                 log.info(
                     "job skipped: routed to no pipeline",
@@ -171,52 +189,54 @@ class Pipeline:
     def _complete(self, work: _Work, result: ImageResult) -> None:
         try:
             outcome = self._outcome(work, result)
-            committed = self._commit(work.job, outcome)
+            outputs = self._commit(work.job, outcome)
         except Exception as exc:
             log.exception("job failed unexpectedly", job_id=work.job.job_id)
             self._retry(work.job, f"{type(exc).__name__}: {exc}")
             return
-        if committed:
-            self._log_finished(work, result, outcome)
+        if outputs is not None:
+            self._log_finished(work, result, outcome, outputs)
 
     def _outcome(self, work: _Work, result: ImageResult) -> _Outcome:
+        record = self._result_record(work, result)
+        destinations = work.decision.destinations
         if result.status == SCORED and result.findings:
-            outputs = self._write_outputs(work, result, self._priority_with(work, result))
-            record = self._record(work, result, outputs)
-            return _Outcome(JobState.DONE, None, record, outputs, work.decision.destinations)
-        record = self._record(work, result, [])
+            types = output_types(work.decision.outputs)
+            early = [t for t in types if not t.needs_priority]
+            late = [t for t in types if t.needs_priority]
+            outputs = self._write_outputs(work, result, early, None)
+
+            def write_late(priority: StudyPriority) -> list[Output]:
+                return self._write_outputs(work, result, late, priority.report_value)
+
+            return _Outcome(JobState.DONE, None, record, outputs, write_late, destinations)
         state = JobState.FAILED if result.status == ERROR else JobState.SKIPPED
         reason = result.reason or f"engine returned {result.status} without findings"
         # No outputs, but the rule's destinations: this job may finish a scored study.
-        return _Outcome(state, reason, record, destinations=work.decision.destinations)
-
-    def _priority_with(self, work: _Work, result: ImageResult) -> StudyPriority:
-        """The study's priority once this image's result counts (for the SR to report)."""
-        with session_scope(self.context.sessions) as session:
-            others = study_findings(
-                session, work.job.study_id, except_sop_instance_uid=work.job.sop_instance_uid
-            )
-        mine = [finding.as_dict() for finding in result.findings]
-        return study_priority([*others, *mine], self.context.priority)
+        return _Outcome(state, reason, record, destinations=destinations)
 
     def _write_outputs(
-        self, work: _Work, result: ImageResult, priority: StudyPriority
+        self,
+        work: _Work,
+        result: ImageResult,
+        types: Sequence[OutputType],
+        priority: str | None,
     ) -> list[Output]:
+        if not types:
+            return []
         job = work.job
-        made = build_outputs(
-            work.dataset,
-            result,
+        inputs = BuildInputs(
+            source=work.dataset,
+            result=result,
             equipment=self.context.equipment,
             # Deterministic: a re-run of this job rebuilds the same object, not a newer one.
             content_datetime=job.created_at.astimezone().replace(tzinfo=None),
             source_variant=job.sha256 if job.version > 1 else None,
-            priority=priority.report_value,
+            priority=priority,
         )
-        return write_outputs(self.context.spool, made)
+        return write_outputs(self.context.spool, build_outputs(types, inputs))
 
-    def _record(self, work: _Work, result: ImageResult, outputs: list[Output]) -> ResultRecord:
-        by_kind = {output.kind: output for output in outputs}
-        sr, sc = by_kind.get("sr"), by_kind.get("sc")
+    def _result_record(self, work: _Work, result: ImageResult) -> ResultRecord:
         timings = dict(result.timings_ms)
         timings["job"] = (time.perf_counter() - work.started) * 1000
         return ResultRecord(
@@ -231,36 +251,47 @@ class Pipeline:
             ood_distance=result.ood_distance,
             warnings=list(result.warnings),
             timings_ms={key: round(value, 1) for key, value in timings.items()},
-            sr_sop_instance_uid=sr.sop_instance_uid if sr else None,
-            sr_path=sr.relpath if sr else None,
-            sc_sop_instance_uid=sc.sop_instance_uid if sc else None,
-            sc_path=sc.relpath if sc else None,
         )
 
-    # -- transactions --------------------------------------------------------------------
+    # -- the transaction: record → re-prioritise → fan out --------------------------------
 
-    def _commit(self, job: ClaimedJob, outcome: _Outcome) -> bool:
-        """Result row, sends and the job's final state in one transaction.
+    def _commit(self, job: ClaimedJob, outcome: _Outcome) -> list[Output] | None:
+        """Result row, study priority, sends and the job's final state in one transaction.
 
-        Returns False (and changes nothing) when the job is no longer ours.
+        Returns the job's outputs, or None (and changes nothing) when the job is no longer
+        ours.
         """
+        queued = 0
+        outputs = [*outcome.outputs]
         with session_scope(self.context.sessions) as session:
             row = self._own_job(session, job)
             if row is None:
-                return False
-            queued = self._record_and_enqueue(session, job, outcome)
+                return None
+            if outcome.record is not None:
+                result_row = self._record(session, outcome.record)
+                study, findings, priority = self._reprioritise(session, job)
+                if outcome.write_late is not None:
+                    outputs += outcome.write_late(priority)
+                set_outputs(result_row, [_file(output) for output in outputs])
+                queued = self._fan_out(session, job, result_row, study, findings, outputs, outcome)
             transition(session, row, outcome.state, actor=self.worker_id, error=outcome.reason)
         if queued and self.context.sends_wakeup is not None:
             self.context.sends_wakeup.notify()
-        return True
+        return outputs
 
-    def _record_and_enqueue(self, session: Session, job: ClaimedJob, outcome: _Outcome) -> int:
-        if outcome.record is None:
-            return 0
-        result_row = record_result(session, outcome.record, actor=self.worker_id)
+    def _record(self, session: Session, record: ResultRecord) -> Result:
+        """Step 1: insert or update the result row (flushed: the study's findings see it)."""
+        return record_result(session, record, actor=self.worker_id)
+
+    def _reprioritise(
+        self, session: Session, job: ClaimedJob
+    ) -> tuple[Study, list[dict[str, object]], StudyPriority]:
+        """Step 2: lock the study and recompute its priority, once, from every image's
+        latest findings (this one's included). The lock serialises workers finishing images
+        of the same study, so the level an SR reports is the one the study is left with."""
         study = locked_study(session, job.study_id)
-        findings = study_findings(session, study.id)  # read under the lock: this image's too
-        update_study_priority(
+        findings = study_findings(session, study.id)
+        priority = update_study_priority(
             session,
             study,
             findings,
@@ -268,11 +299,26 @@ class Pipeline:
             actor=self.worker_id,
             job_id=job.job_id,
         )
+        return study, findings, priority
+
+    def _fan_out(
+        self,
+        session: Session,
+        job: ClaimedJob,
+        result_row: Result,
+        study: Study,
+        findings: list[dict[str, object]],
+        outputs: Sequence[Output],
+        outcome: _Outcome,
+    ) -> int:
+        """Step 3: every output to every destination that takes objects; the study's
+        message to those that take study events (sent once the study is finished).
+        Returns the number of sends queued."""
+        takes_objects = [n for n in outcome.destinations if self._delivers(n) == "objects"]
+        takes_events = [n for n in outcome.destinations if self._delivers(n) == "study_events"]
         queued = 0
-        for destination in outcome.destinations:
-            if self._notified(destination):
-                continue  # an HL7 destination: the study's message, not the SR and SC
-            for output in outcome.outputs:
+        for destination in takes_objects:
+            for output in outputs:
                 item = OutgoingObject(
                     destination=destination,
                     kind=output.kind,
@@ -285,7 +331,7 @@ class Pipeline:
                 )
                 if enqueue_send(session, item, actor=self.worker_id) is not None:
                     queued += 1
-        if self.context.notifier is not None:
+        if takes_events and self.context.notifier is not None:
             queued += self.context.notifier.study_finished(
                 session,
                 self.context.spool,
@@ -294,13 +340,16 @@ class Pipeline:
                 job_id=job.job_id,
                 instance_id=job.instance_id,
                 result_id=result_row.id,
-                destinations=outcome.destinations,
+                destinations=[self.context.destinations[name] for name in takes_events],
                 actor=self.worker_id,
             )
         return queued
 
-    def _notified(self, destination: str) -> bool:
-        return self.context.notifier is not None and self.context.notifier.handles(destination)
+    def _delivers(self, name: str) -> str:
+        """What a destination takes; a name missing from the context (tests that build
+        a bare context) is an object destination, the default type's behaviour."""
+        destination = self.context.destinations.get(name)
+        return "objects" if destination is None else destination.delivers
 
     def _own_job(self, session: Session, job: ClaimedJob) -> Job | None:
         row = session.get(Job, job.job_id, with_for_update=True)
@@ -323,7 +372,9 @@ class Pipeline:
         except Exception:  # the database may be the problem; the lease will recover the job
             log.exception("could not record job failure", job_id=job.job_id)
 
-    def _log_finished(self, work: _Work, result: ImageResult, outcome: _Outcome) -> None:
+    def _log_finished(
+        self, work: _Work, result: ImageResult, outcome: _Outcome, outputs: Sequence[Output]
+    ) -> None:
         log.info(
             f"job {outcome.state.value}",
             job_id=work.job.job_id,
@@ -334,10 +385,14 @@ class Pipeline:
                 {"code": f.label.code, "probability": round(f.probability, 4), "present": f.present}
                 for f in result.findings
             ],
-            outputs=[output.sop_instance_uid for output in outcome.outputs],
-            sends=len(outcome.outputs) * len(outcome.destinations),
+            outputs=[output.sop_instance_uid for output in outputs],
+            destinations=len(outcome.destinations),
             elapsed_ms=round((time.perf_counter() - work.started) * 1000, 1),
         )
+
+
+def _file(output: Output) -> OutputFile:
+    return OutputFile(output.kind, output.sop_class_uid, output.sop_instance_uid, output.relpath)
 
 
 _STATUS = {

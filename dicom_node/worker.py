@@ -37,7 +37,7 @@ from dicom_node.logs import get_logger
 from dicom_node.notify import StudyNotifier
 from dicom_node.pipeline import ClaimedJob, Pipeline, PipelineContext
 from dicom_node.processes import owner_id, process_alive
-from dicom_node.results import Equipment
+from dicom_node.results.common import Equipment
 from dicom_node.wakeup import Wakeup
 from storage import queue
 from storage.db import session_scope
@@ -110,6 +110,7 @@ class Worker:
             spool=spool,
             rules=settings.rule_set,
             equipment=Equipment(station_name=settings.node.ae_title),
+            destinations={d.name: d for d in settings.destinations},
             sends_wakeup=sends_wakeup,
             priority=settings.priority,
             notifier=StudyNotifier.from_settings(settings),

@@ -34,7 +34,7 @@ from dicom_node.config import Settings, load_settings
 from dicom_node.notify import StudyNotifier
 from dicom_node.pipeline import Pipeline, PipelineContext
 from dicom_node.receive import IncomingInstance, StoreService
-from dicom_node.results import Equipment
+from dicom_node.results.common import Equipment
 from dicom_node.sender import Sender
 from dicom_node.wakeup import Wakeup
 from dicom_node.worker import claim_jobs
@@ -151,6 +151,7 @@ def make_pipeline(
         spool=spool,
         rules=settings.rule_set,
         equipment=Equipment(),
+        destinations={d.name: d for d in settings.destinations},
         priority=settings.priority,
         notifier=StudyNotifier.from_settings(settings),
     )

@@ -276,13 +276,16 @@ def test_crash_between_outputs_and_commit_reruns_to_identical_uids_and_no_duplic
 ) -> None:
     instance_id = receive_file(store, data / CHEST)
     written: list[Path] = []
-    original_commit = Pipeline._commit
+    original_fan_out = Pipeline._fan_out
 
-    def dying_commit(self: Pipeline, job: object, outcome: object) -> bool:
-        written.extend(spool.path_of(o.relpath) for o in outcome.outputs)  # type: ignore[attr-defined]
+    def dying_fan_out(self: Pipeline, *args: object) -> int:
+        """Every output is written (the SR under the study lock); the process dies before
+        the transaction commits."""
+        outputs = args[5]
+        written.extend(spool.path_of(o.relpath) for o in outputs)  # type: ignore[attr-defined]
         raise Crash
 
-    monkeypatch.setattr(Pipeline, "_commit", dying_commit)
+    monkeypatch.setattr(Pipeline, "_fan_out", dying_fan_out)
     jobs = claim_jobs(sessions, WORKER_ID, limit=8, lease=timedelta(minutes=5))
     with pytest.raises(Crash):
         pipeline.run(jobs)
@@ -291,7 +294,7 @@ def test_crash_between_outputs_and_commit_reruns_to_identical_uids_and_no_duplic
     assert job_of(sessions, instance_id).state is JobState.RUNNING  # as a dead process leaves it
     assert results_of(sessions, instance_id) == [] and sends_of(sessions) == []
 
-    monkeypatch.setattr(Pipeline, "_commit", original_commit)
+    monkeypatch.setattr(Pipeline, "_fan_out", original_fan_out)
     with session_scope(sessions) as s:  # the node restarts on this host: the worker is gone
         assert queue.recover_orphans(s, "testhost", lambda pid: False, actor="test") == 1
     run_queue(pipeline, sessions)

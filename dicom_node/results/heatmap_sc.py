@@ -31,9 +31,11 @@ from highdicom.sc.enum import ConversionTypeValues
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SecondaryCaptureImageStorage
 from pydicom.valuerep import DA, TM
 
-from dicom_node.results import Equipment, instance_number, source_header
+from dicom_node.results.common import Equipment, instance_number, source_header
+from dicom_node.results.registry import BuildInputs, OutputType, register
 from dicom_node.results.uids import model_identities, result_uids
 from inference.cascade import Finding, ImageResult
 
@@ -199,3 +201,24 @@ def _describe_derivation(
     reference.PurposeOfReferenceCodeSequence = [SOURCE_FOR_PROCESSING]
     reference.SpatialLocationsPreserved = "NO" if resampled else "YES"
     sc.SourceImageSequence = [reference]
+
+
+def _build(inputs: BuildInputs) -> Dataset:
+    return heatmap_secondary_capture(
+        inputs.source,
+        inputs.result,
+        equipment=inputs.equipment,
+        content_datetime=inputs.content_datetime,
+        source_variant=inputs.source_variant,
+    )
+
+
+SC = register(
+    OutputType(
+        name="sc",
+        sop_class_uid=SecondaryCaptureImageStorage,
+        build=_build,
+        needs=frozenset({"overlay"}),
+        description="Secondary Capture of the Grad-CAM heatmap over the radiograph",
+    )
+)

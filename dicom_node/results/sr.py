@@ -57,8 +57,9 @@ from highdicom.sr import (
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage
 
-from dicom_node.results import (
+from dicom_node.results.common import (
     PRIVATE_SCHEME,
     Equipment,
     instance_number,
@@ -66,6 +67,7 @@ from dicom_node.results import (
     source_header,
     without_person_names,
 )
+from dicom_node.results.registry import BuildInputs, OutputType, register
 from dicom_node.results.uids import model_identities, result_uids, tracking_uid
 from inference.cascade import SCORED, Finding, ImageResult
 
@@ -313,3 +315,26 @@ def _add_qualitative_evaluations(
     )
     container.ContentSequence = ContentSequence(list(items))
     report[0].ContentSequence.append(container)
+
+
+def _build(inputs: BuildInputs) -> Dataset:
+    return measurement_report(
+        inputs.source,
+        inputs.result,
+        equipment=inputs.equipment,
+        priority=inputs.priority,
+        content_datetime=inputs.content_datetime,
+        source_variant=inputs.source_variant,
+    )
+
+
+SR = register(
+    OutputType(
+        name="sr",
+        sop_class_uid=Comprehensive3DSRStorage,
+        build=_build,
+        # The study's level is a row of the report, so the SR is built under the lock.
+        needs=frozenset({"priority"}),
+        description="Comprehensive 3D SR, TID 1500 measurement report of the findings",
+    )
+)
