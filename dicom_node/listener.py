@@ -38,7 +38,7 @@ from dicom_node.logs import get_logger
 from dicom_node.receive import (
     IncomingInstance,
     ReceiveLimits,
-    StoreResult,
+    StoreOutcome,
     StoreService,
     StoreStatus,
 )
@@ -302,7 +302,7 @@ class Listener:
             incoming = incoming_from_event(event)
         except Exception:
             log.exception("C-STORE request could not be read")
-            return _status(StoreResult(StoreStatus.CANNOT_UNDERSTAND, "cannot read request"))
+            return _status(StoreOutcome(StoreStatus.CANNOT_UNDERSTAND, "cannot read request"))
         return _status(self.store.store(incoming))
 
 
@@ -329,7 +329,7 @@ def incoming_from_event(event: Event) -> IncomingInstance:
     )
 
 
-def _status(result: StoreResult) -> Dataset:
+def _status(result: StoreOutcome) -> Dataset:
     status = Dataset()
     status.Status = int(result.status)
     if result.comment:

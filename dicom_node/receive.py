@@ -116,7 +116,7 @@ class IncomingInstance:
 
 
 @dataclass(frozen=True)
-class StoreResult:
+class StoreOutcome:
     """Status for the C-STORE response plus a short comment for its Error Comment."""
 
     status: StoreStatus
@@ -152,14 +152,14 @@ class StoreService:
         # would wait for the worker's next poll, which is pure added latency.
         self.on_queued = on_queued
 
-    def store(self, incoming: IncomingInstance) -> StoreResult:
+    def store(self, incoming: IncomingInstance) -> StoreOutcome:
         """Run the receive pipeline; never raises (an exception becomes a failure status)."""
         started = time.perf_counter()
         try:
             result = self._store(incoming)
         except Exception:
             log.exception("store failed unexpectedly", **incoming.log_fields())
-            return StoreResult(StoreStatus.CANNOT_UNDERSTAND, "internal error")
+            return StoreOutcome(StoreStatus.CANNOT_UNDERSTAND, "internal error")
         elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
         if result.ok:
             log.info(
@@ -171,7 +171,7 @@ class StoreService:
             )
         return result
 
-    def _store(self, incoming: IncomingInstance) -> StoreResult:
+    def _store(self, incoming: IncomingInstance) -> StoreOutcome:
         too_large = self.limits.dataset_refusal(len(incoming.dataset))
         if too_large:
             return self._over_limit(incoming, StoreStatus.OUT_OF_RESOURCES, too_large)
@@ -196,11 +196,11 @@ class StoreService:
                 **incoming.log_fields(),
             )
         spooled = self._spool(incoming, header)
-        if isinstance(spooled, StoreResult):
+        if isinstance(spooled, StoreOutcome):
             return spooled
         return self._record(incoming, header, spooled)
 
-    def _check_space(self, incoming: IncomingInstance) -> StoreResult | None:
+    def _check_space(self, incoming: IncomingInstance) -> StoreOutcome | None:
         needed = len(incoming.dataset) + FILE_META_ALLOWANCE + self.min_free_bytes
         free = self.spool.free_bytes()
         if free >= needed:
@@ -208,23 +208,23 @@ class StoreService:
         log.error(
             "refusing C-STORE: spool disk nearly full", free_bytes=free, **incoming.log_fields()
         )
-        return StoreResult(StoreStatus.OUT_OF_RESOURCES, "insufficient storage")
+        return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "insufficient storage")
 
     def _spool(
         self, incoming: IncomingInstance, header: InstanceHeader
-    ) -> SpooledObject | StoreResult:
+    ) -> SpooledObject | StoreOutcome:
         try:
             return self.spool.store((part10_header(incoming, header), incoming.dataset))
         except OSError as exc:
             if is_out_of_space(exc):
                 log.error("refusing C-STORE: spool disk full", **incoming.log_fields())
-                return StoreResult(StoreStatus.OUT_OF_RESOURCES, "insufficient storage")
+                return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "insufficient storage")
             log.exception("refusing C-STORE: spool write failed", **incoming.log_fields())
-            return StoreResult(StoreStatus.SPOOL_WRITE_FAILED, "spool write failed")
+            return StoreOutcome(StoreStatus.SPOOL_WRITE_FAILED, "spool write failed")
 
     def _record(
         self, incoming: IncomingInstance, header: InstanceHeader, spooled: SpooledObject
-    ) -> StoreResult:
+    ) -> StoreOutcome:
         received = _received_instance(incoming, header, spooled)
         try:
             result = record_received(self.sessions, received, actor=self.actor)
@@ -236,7 +236,7 @@ class StoreService:
                 spool_path=spooled.relpath,
                 **incoming.log_fields(),
             )
-            return StoreResult(StoreStatus.DATABASE_UNAVAILABLE, "database unavailable")
+            return StoreOutcome(StoreStatus.DATABASE_UNAVAILABLE, "database unavailable")
         if result.job_id is not None and self.on_queued is not None:
             self.on_queued()
         if result.disposition is Disposition.NEW_VERSION:
@@ -246,13 +246,13 @@ class StoreService:
                 sha256=spooled.sha256,
                 **incoming.log_fields(),
             )
-        return StoreResult(
+        return StoreOutcome(
             StoreStatus.SUCCESS, "", result.disposition, result.instance_id, spooled.sha256
         )
 
     def _over_limit(
         self, incoming: IncomingInstance, status: StoreStatus, reason: str
-    ) -> StoreResult:
+    ) -> StoreOutcome:
         """A well-formed object beyond a configured limit: refused, logged, not kept
         (quarantining gigabytes would fill the disk the limit is there to protect)."""
         log.error(
@@ -261,9 +261,9 @@ class StoreService:
             reason=reason,
             **incoming.log_fields(),
         )
-        return StoreResult(status, reason[:64])
+        return StoreOutcome(status, reason[:64])
 
-    def _refuse(self, incoming: IncomingInstance, status: StoreStatus, reason: str) -> StoreResult:
+    def _refuse(self, incoming: IncomingInstance, status: StoreStatus, reason: str) -> StoreOutcome:
         """Answer with a failure and keep the offending bytes for a human to look at."""
         note: Mapping[str, object] = {
             "status": f"0x{status:04X}",
@@ -282,7 +282,7 @@ class StoreService:
             quarantined=str(kept) if kept else None,
             **incoming.log_fields(),
         )
-        return StoreResult(status, reason[:64])
+        return StoreOutcome(status, reason[:64])
 
 
 def _identifier_problem(

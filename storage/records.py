@@ -68,7 +68,7 @@ class ReceivedInstance:
 
 
 @dataclass(frozen=True)
-class RecordResult:
+class Recorded:
     """Outcome of :func:`record_received`."""
 
     disposition: Disposition
@@ -80,7 +80,7 @@ class RecordResult:
 
 def record_received(
     factory: sessionmaker[Session], received: ReceivedInstance, *, actor: str
-) -> RecordResult:
+) -> Recorded:
     """Record an instance (or its duplicate) in one transaction; retried on races."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
@@ -92,7 +92,7 @@ def record_received(
     raise AssertionError("unreachable")
 
 
-def _record_once(session: Session, received: ReceivedInstance, actor: str) -> RecordResult:
+def _record_once(session: Session, received: ReceivedInstance, actor: str) -> Recorded:
     versions = session.execute(
         select(Instance.id, Instance.version, Instance.sha256)
         .where(Instance.sop_instance_uid == received.sop_instance_uid)
@@ -101,13 +101,13 @@ def _record_once(session: Session, received: ReceivedInstance, actor: str) -> Re
     for row in versions:
         if row.sha256 == received.sha256:
             _audit(session, "instance.duplicate", received, actor, row.id, None, row.version)
-            return RecordResult(Disposition.DUPLICATE, row.id, row.version, None, len(versions))
+            return Recorded(Disposition.DUPLICATE, row.id, row.version, None, len(versions))
     version = versions[-1].version + 1 if versions else 1
     instance = _insert_instance(session, received, version)
     job = enqueue(session, instance.id, actor=actor)
     disposition = Disposition.NEW_VERSION if versions else Disposition.STORED
     _audit(session, f"instance.{disposition.value}", received, actor, instance.id, job.id, version)
-    return RecordResult(disposition, instance.id, version, job.id, len(versions))
+    return Recorded(disposition, instance.id, version, job.id, len(versions))
 
 
 def _insert_instance(session: Session, received: ReceivedInstance, version: int) -> Instance:
