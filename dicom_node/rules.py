@@ -108,7 +108,7 @@ from dicom_node.results.registry import DEFAULT_OUTPUTS, check_output_names
 
 PIPELINE_CASCADE = "cxr-cascade"
 PIPELINE_NONE = "none"
-Pipeline = Literal["cxr-cascade", "none"]
+PipelineName = Literal["cxr-cascade", "none"]
 PIPELINE_ALIASES: Mapping[str, str] = {"ignore": PIPELINE_NONE}
 ALL_DESTINATIONS = "*"
 
@@ -561,7 +561,7 @@ class Rule(_Model):
     """One ``[[rules]]`` table."""
 
     name: str = Field(min_length=1)
-    pipeline: Pipeline
+    pipeline: PipelineName
     destinations: tuple[str, ...] = (ALL_DESTINATIONS,)
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     match: Condition | None = None
@@ -719,7 +719,7 @@ class RouteDecision(_Model):
     and the destinations they go to (no outputs and no destinations for pipeline "none")."""
 
     rule: str | None
-    pipeline: Pipeline
+    pipeline: PipelineName
     destinations: tuple[str, ...]
     outputs: tuple[str, ...] = ()
     reason: str

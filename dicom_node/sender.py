@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
-from dicom_node.dispatch import Destination, SendResult, get_sender
+from dicom_node.dispatch import Destination, SendOutcome, get_sender
 from dicom_node.logs import get_logger
 from dicom_node.processes import owner_id, process_alive
 from dicom_node.wakeup import Wakeup
@@ -155,7 +155,7 @@ class Sender:
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
-    def _send(self, destination: Destination, items: list[Claimed]) -> list[SendResult]:
+    def _send(self, destination: Destination, items: list[Claimed]) -> list[SendOutcome]:
         paths = [self.spool.path_of(item.file_path) for item in items]
         try:
             target = get_sender(destination.type)
@@ -165,7 +165,7 @@ class Sender:
             failure = f"sender error: {type(exc).__name__}"
             return [_unconfigured(failure, item, retryable=True) for item in items]
 
-    def _record(self, items: Sequence[Claimed], results: Sequence[SendResult]) -> None:
+    def _record(self, items: Sequence[Claimed], results: Sequence[SendOutcome]) -> None:
         """Every outcome of the batch in one transaction."""
         with session_scope(self.sessions) as session:
             for item, result in zip(items, results, strict=True):
@@ -176,7 +176,7 @@ class Sender:
                     continue  # our lease expired and another sender took it over
                 self._record_one(session, send, result)
 
-    def _record_one(self, session: Session, send: Send, result: SendResult) -> None:
+    def _record_one(self, session: Session, send: Send, result: SendOutcome) -> None:
         if result.success:
             note = result.message if result.warning else None
             outbox.mark_sent(session, send, actor=self.sender_id, note=note)
@@ -201,8 +201,8 @@ class Sender:
             )
 
 
-def _unconfigured(message: str, item: Claimed, *, retryable: bool = False) -> SendResult:
-    return SendResult(
+def _unconfigured(message: str, item: Claimed, *, retryable: bool = False) -> SendOutcome:
+    return SendOutcome(
         success=False,
         status=None,
         retryable=retryable,

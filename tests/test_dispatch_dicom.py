@@ -31,7 +31,7 @@ from pynetdicom.events import Event
 from dicom_node.dispatch import (
     DicomDestination,
     Hl7Destination,
-    SendResult,
+    SendOutcome,
     destination_types,
     get_sender,
     parse_destination,
@@ -544,11 +544,11 @@ def test_registry_adds_a_target_type() -> None:
     class NullTarget:
         def send(
             self, destination: NullDestination, items: Any, our_ae_title: str
-        ) -> list[SendResult]:
-            return [SendResult(True, None, False, "dropped", "success") for _ in items]
+        ) -> list[SendOutcome]:
+            return [SendOutcome(True, None, False, "dropped", "success") for _ in items]
 
-        def check(self, destination: NullDestination, our_ae_title: str) -> SendResult:
-            return SendResult(True, None, False, "ok", "success")
+        def check(self, destination: NullDestination, our_ae_title: str) -> SendOutcome:
+            return SendOutcome(True, None, False, "ok", "success")
 
     register("null", NullTarget())
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dicom_node.dispatch import Hl7Destination, SendResult, get_sender, parse_destination
+from dicom_node.dispatch import Hl7Destination, SendOutcome, get_sender, parse_destination
 from dicom_node.results.oru import (
     FINAL,
     MessageHeader,
@@ -50,7 +50,7 @@ def destination(port: int, **changes: float) -> Hl7Destination:
     return Hl7Destination(name="ris", host="127.0.0.1", port=port, timeout_s=5, **changes)
 
 
-def send(port: int, *paths: Path, **changes: float) -> list[SendResult]:
+def send(port: int, *paths: Path, **changes: float) -> list[SendOutcome]:
     return get_sender("hl7").send(destination(port, **changes), list(paths), "CXR_AI")
 
 

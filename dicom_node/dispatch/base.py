@@ -16,7 +16,7 @@ validates it (:mod:`dicom_node.dispatch.destinations`: ``DicomDestination`` in
 Adding a destination kind (DICOMweb STOW-RS…) is adding a config model to the union in
 :mod:`~dicom_node.dispatch.destinations` and one module that implements
 :class:`TargetType` and calls :func:`register` — the pattern of mercure's target-type
-registry. Failures are *returned* as :class:`SendResult`, never raised, so that the outbox
+registry. Failures are *returned* as :class:`SendOutcome`, never raised, so that the outbox
 that calls a sender decides about retries from data, not from exceptions.
 
 Nothing here imports pynetdicom or hl7apy: every CLI command validates a configuration.
@@ -47,7 +47,7 @@ Category = Literal[
 
 
 @dataclass(frozen=True)
-class SendResult:
+class SendOutcome:
     """Outcome of sending one object (or of one echo).
 
     ``retryable`` answers the outbox's one question: can the *same* request succeed
@@ -71,9 +71,9 @@ class SendResult:
 
 def failure(
     category: Category, message: str, retryable: bool, sop_instance_uid: str | None = None
-) -> SendResult:
+) -> SendOutcome:
     """A failed send or check that got no status from the peer."""
-    return SendResult(
+    return SendOutcome(
         success=False,
         status=None,
         retryable=retryable,
@@ -189,11 +189,11 @@ class TargetType(Protocol[DestinationT]):
 
     def send(
         self, destination: DestinationT, items: Iterable[Sendable], our_ae_title: str
-    ) -> list[SendResult]:
+    ) -> list[SendOutcome]:
         """Send every item; one result per item, in order; never raises on I/O errors."""
         ...
 
-    def check(self, destination: DestinationT, our_ae_title: str) -> SendResult:
+    def check(self, destination: DestinationT, our_ae_title: str) -> SendOutcome:
         """Is the destination reachable and willing (e.g. C-ECHO)?"""
         ...
 

@@ -17,7 +17,7 @@ How a batch is sent:
   with pydicom first, keeping the SOP Instance UID (a transfer syntax change does not
   create a new instance). Our own SR and SC outputs are uncompressed, so for them this
   simply means "whichever uncompressed syntax the peer accepted".
-* **Failures are returned, never raised** (:class:`~dicom_node.dispatch.base.SendResult`),
+* **Failures are returned, never raised** (:class:`~dicom_node.dispatch.base.SendOutcome`),
   classified per PS3.7 Annex C and PS3.4 Annex B.2.3 into retryable or permanent.
 
 Logs name destinations, AE titles and UIDs only, never patient attributes.
@@ -42,7 +42,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.dispatch.base import Sendable, SendResult, register
+from dicom_node.dispatch.base import Sendable, SendOutcome, register
 from dicom_node.dispatch.base import failure as _failure
 from dicom_node.dispatch.dicom_config import DicomDestination
 from dicom_node.logs import get_logger
@@ -120,14 +120,14 @@ def classify_status(code: int) -> StatusClass:
 
 def _status_result(
     status: Dataset, sop_instance_uid: str | None, transfer_syntax: str | None
-) -> SendResult:
+) -> SendOutcome:
     code = int(status.Status)
     status_class = classify_status(code)
     message = f"0x{code:04X} {status_class.meaning}"
     comment = status.get("ErrorComment")
     if comment:
         message += f" ({str(comment).strip()})"
-    return SendResult(
+    return SendOutcome(
         success=status_class.success,
         status=code,
         retryable=status_class.retryable,
@@ -150,7 +150,7 @@ class _Item:
     sop_class: UID | None = None
     sop_instance: str | None = None
     transfer_syntax: UID | None = None
-    error: SendResult | None = None
+    error: SendOutcome | None = None
 
     @property
     def context_keys(self) -> list[tuple[UID, UID | None]]:
@@ -334,7 +334,7 @@ def _make_ae(destination: DicomDestination, our_ae_title: str) -> AE:
 
 def _associate(
     destination: DicomDestination, our_ae_title: str, contexts: list[PresentationContext]
-) -> tuple[Association | None, SendResult | None]:
+) -> tuple[Association | None, SendOutcome | None]:
     """Open an association; on failure, the reason as a result instead of an exception."""
     watch = _Watch()
     try:
@@ -369,7 +369,7 @@ def _tls_args(destination: DicomDestination) -> tuple[ClientContext, str] | None
 
 def _association_failure(
     assoc: Association, watch: _Watch, destination: DicomDestination
-) -> SendResult:
+) -> SendOutcome:
     """Why no association: no connection, rejected, no usable context, aborted, timeout.
 
     All but "no usable context" are retryable: they concern the destination, not the
@@ -425,7 +425,7 @@ def _release(assoc: Association) -> None:
 
 def send_datasets(
     destination: DicomDestination, datasets_or_paths: Iterable[Sendable], our_ae_title: str
-) -> list[SendResult]:
+) -> list[SendOutcome]:
     """C-STORE every object to a DICOM destination; one result per input, in order.
 
     Objects may be pydicom data sets or paths to DICOM files (read only when sent).
@@ -433,7 +433,7 @@ def send_datasets(
     are negotiated and objects converted.
     """
     items = [_describe(source) for source in datasets_or_paths]
-    results: dict[int, SendResult] = {
+    results: dict[int, SendOutcome] = {
         id(item): item.error for item in items if item.error is not None
     }
     for batch in plan_batches(items):
@@ -456,12 +456,12 @@ def send_datasets(
 
 def _send_batch(
     destination: DicomDestination, our_ae_title: str, batch: list[_Item]
-) -> dict[int, SendResult]:
+) -> dict[int, SendOutcome]:
     assoc, failure = _associate(destination, our_ae_title, build_contexts(batch))
     if assoc is None:
         assert failure is not None
         return {id(item): _for_item(failure, item) for item in batch}
-    results: dict[int, SendResult] = {}
+    results: dict[int, SendOutcome] = {}
     try:
         for number, item in enumerate(batch):
             if not assoc.is_established:
@@ -479,8 +479,8 @@ def _send_batch(
     return results
 
 
-def _for_item(result: SendResult, item: _Item) -> SendResult:
-    return SendResult(
+def _for_item(result: SendOutcome, item: _Item) -> SendOutcome:
+    return SendOutcome(
         success=result.success,
         status=result.status,
         retryable=result.retryable,
@@ -491,7 +491,7 @@ def _for_item(result: SendResult, item: _Item) -> SendResult:
     )
 
 
-def _store_one(assoc: Association, item: _Item, message_id: int) -> SendResult:
+def _store_one(assoc: Association, item: _Item, message_id: int) -> SendOutcome:
     assert item.sop_class is not None and item.transfer_syntax is not None
     context, decompress = choose_context(_accepted(assoc, item.sop_class), item.transfer_syntax)
     if context is None:
@@ -519,7 +519,7 @@ def _store_one(assoc: Association, item: _Item, message_id: int) -> SendResult:
     return _status_result(status, item.sop_instance, str(context.transfer_syntax[0]))
 
 
-def _no_context(assoc: Association, item: _Item) -> SendResult:
+def _no_context(assoc: Association, item: _Item) -> SendOutcome:
     """The peer accepted nothing this object can be sent in: permanent for this object."""
     syntax = item.transfer_syntax.name if item.transfer_syntax is not None else "unknown"
     sop = item.sop_class.name if item.sop_class is not None else "unknown"
@@ -535,7 +535,7 @@ def _no_context(assoc: Association, item: _Item) -> SendResult:
     )
 
 
-def _no_response(assoc: Association, item: _Item, waited_s: float) -> SendResult:
+def _no_response(assoc: Association, item: _Item, waited_s: float) -> SendOutcome:
     """No response: the peer aborted (often a sign it could not parse the object) or the
     DIMSE timeout expired. pynetdicom may not have flagged the abort yet when it returns,
     so an early return counts as an abort too."""
@@ -600,7 +600,7 @@ def _has_syntax(dataset: Dataset) -> bool:
     return bool(meta is not None and meta.get("TransferSyntaxUID"))
 
 
-def _log_summary(destination: DicomDestination, results: list[SendResult]) -> None:
+def _log_summary(destination: DicomDestination, results: list[SendOutcome]) -> None:
     for result in results:
         emit = log.info if result.success else log.warning
         emit(
@@ -617,7 +617,7 @@ def _log_summary(destination: DicomDestination, results: list[SendResult]) -> No
 # --------------------------------------------------------------------------- C-ECHO
 
 
-def echo(destination: DicomDestination, our_ae_title: str) -> SendResult:
+def echo(destination: DicomDestination, our_ae_title: str) -> SendOutcome:
     """C-ECHO (PS3.7 §9.1.5): is the destination reachable and does it accept us?"""
     assoc, failure = _associate(destination, our_ae_title, [build_context(Verification)])
     if assoc is None:
@@ -639,10 +639,10 @@ class DicomTarget:
 
     def send(
         self, destination: DicomDestination, items: Iterable[Sendable], our_ae_title: str
-    ) -> list[SendResult]:
+    ) -> list[SendOutcome]:
         return send_datasets(destination, items, our_ae_title)
 
-    def check(self, destination: DicomDestination, our_ae_title: str) -> SendResult:
+    def check(self, destination: DicomDestination, our_ae_title: str) -> SendOutcome:
         return echo(destination, our_ae_title)
 
 

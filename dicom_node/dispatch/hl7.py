@@ -33,7 +33,7 @@ from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
-from dicom_node.dispatch.base import Sendable, SendResult, register
+from dicom_node.dispatch.base import Sendable, SendOutcome, register
 from dicom_node.dispatch.base import failure as _failure
 from dicom_node.dispatch.hl7_config import Hl7Destination
 from dicom_node.logs import get_logger
@@ -61,14 +61,14 @@ def frame(message: bytes) -> bytes:
     return START_BLOCK + message + END_BLOCK
 
 
-def send_messages(destination: Hl7Destination, items: Iterable[Sendable]) -> list[SendResult]:
+def send_messages(destination: Hl7Destination, items: Iterable[Sendable]) -> list[SendOutcome]:
     """Send every ER7 file; one result per item, in order. Never raises on I/O errors.
 
     After a connection failure the remaining items get the same result without another
     attempt: the receiver is down for all of them, and each try would cost a timeout.
     """
-    results: list[SendResult] = []
-    unreachable: SendResult | None = None
+    results: list[SendOutcome] = []
+    unreachable: SendOutcome | None = None
     for item in items:
         result = _send_one(destination, item, unreachable)
         if result.category == "connection":
@@ -79,8 +79,8 @@ def send_messages(destination: Hl7Destination, items: Iterable[Sendable]) -> lis
 
 
 def _send_one(
-    destination: Hl7Destination, item: Sendable, unreachable: SendResult | None
-) -> SendResult:
+    destination: Hl7Destination, item: Sendable, unreachable: SendOutcome | None
+) -> SendOutcome:
     try:
         data, control_id = _read(item)
     except (OSError, ValueError, HL7apyException) as exc:
@@ -159,7 +159,7 @@ def _read_block(connection: socket.socket) -> str:
         raise AckError("acknowledgement is not UTF-8") from exc
 
 
-def _acknowledgement(reply: str, control_id: str, destination: Hl7Destination) -> SendResult:
+def _acknowledgement(reply: str, control_id: str, destination: Hl7Destination) -> SendOutcome:
     """Map MSA-1 to the outbox's outcome (see the module docstring)."""
     peer = _peer(destination)
     try:
@@ -178,7 +178,7 @@ def _acknowledgement(reply: str, control_id: str, destination: Hl7Destination) -
             control_id,
         )
     if code in ACCEPTED:
-        return SendResult(
+        return SendOutcome(
             True, None, False, f"{code} from {peer}", "success", sop_instance_uid=control_id
         )
     detail = f"{code or 'no MSA-1'} from {peer}{_error_code(ack)}"
@@ -207,7 +207,7 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def _log(destination: Hl7Destination, result: SendResult) -> None:
+def _log(destination: Hl7Destination, result: SendOutcome) -> None:
     emit = log.info if result.success else log.warning
     emit(
         "hl7 message sent" if result.success else "hl7 message failed",
@@ -218,14 +218,14 @@ def _log(destination: Hl7Destination, result: SendResult) -> None:
     )
 
 
-def check(destination: Hl7Destination) -> SendResult:
+def check(destination: Hl7Destination) -> SendOutcome:
     """Reachability: a TCP connection to the MLLP port (HL7 v2 has no echo message)."""
     try:
         with _connect(destination):
             pass
     except _Unreachable as exc:
         return _failure("connection", str(exc), True)
-    return SendResult(True, None, False, f"{_peer(destination)} accepts connections", "success")
+    return SendOutcome(True, None, False, f"{_peer(destination)} accepts connections", "success")
 
 
 class Hl7Target:
@@ -233,10 +233,10 @@ class Hl7Target:
 
     def send(
         self, destination: Hl7Destination, items: Iterable[Sendable], our_ae_title: str
-    ) -> list[SendResult]:
+    ) -> list[SendOutcome]:
         return send_messages(destination, items)
 
-    def check(self, destination: Hl7Destination, our_ae_title: str) -> SendResult:
+    def check(self, destination: Hl7Destination, our_ae_title: str) -> SendOutcome:
         return check(destination)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
-from dicom_node.dispatch.base import DestinationBase, SendResult, get_sender
+from dicom_node.dispatch.base import DestinationBase, SendOutcome, get_sender
 
 DEFAULT_TIMEOUT_S = 2.0
 MAX_THREADS = 16
@@ -58,18 +58,18 @@ def check_destinations(
 
 def _timed_check(
     destination: DestinationBase, our_ae_title: str, timeout_s: float
-) -> tuple[SendResult, float]:
+) -> tuple[SendOutcome, float]:
     short = destination.capped(timeout_s)
     started = time.perf_counter()
     try:
         result = get_sender(destination.type).check(short, our_ae_title)
     except Exception as exc:  # a type's check() should not raise; report it if it does
-        result = SendResult(False, None, True, f"check failed: {exc}", "connection")
+        result = SendOutcome(False, None, True, f"check failed: {exc}", "connection")
     return result, (time.perf_counter() - started) * 1000.0
 
 
 def _outcome(
-    destination: DestinationBase, future: Future[tuple[SendResult, float]], timeout_s: float
+    destination: DestinationBase, future: Future[tuple[SendOutcome, float]], timeout_s: float
 ) -> Reachability:
     peer = destination.peer
     if not future.done():
