@@ -16,13 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
-from dicom_node.cli import (
+from dicom_node.cli.common import (
     EXIT_FAILURE,
     ConfigOption,
     JsonOption,
-    _shown,
     load_for_command,
     load_or_exit,
+    shown,
 )
 from dicom_node.model_bundles import ConfiguredBundle, configured_bundles, describe_all
 from inference.manifest import BundleError, check_files, hashed_size, read_metadata
@@ -46,8 +46,8 @@ def models_list(config: ConfigOption = None, json_output: JsonOption = False) ->
             size = model["size_bytes"]
             table.add_row(
                 model["role"],
-                _shown(model["name"]),
-                _shown(model["version"]),
+                shown(model["name"]),
+                shown(model["version"]),
                 thresholds or "-",
                 (model["sha256"] or "-")[:16],
                 f"{size / 1e6:.1f} MB" if size is not None else "-",

@@ -16,16 +16,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dicom_node.cli import (
+from dicom_node.cli.common import (
     EXIT_FAILURE,
     ConfigOption,
     JsonOption,
-    _send_row,
-    _shown,
-    _with_database,
     ids_or_every,
     load_for_command,
+    send_row,
+    shown,
     state_or_exit,
+    with_database,
 )
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def jobs_list(
     wanted = state_or_exit(JobState, state)
     from storage.job_details import list_jobs
 
-    rows = _with_database(
+    rows = with_database(
         settings,
         lambda s: [_job_row(job, inst) for job, inst in list_jobs(s, state=wanted, limit=limit)],
     )
@@ -73,8 +73,8 @@ def jobs_list(
             str(row["id"]),
             row["state"],
             str(row["attempts"]),
-            _shown(row["received_at"]),
-            _shown(row["finished_at"]),
+            shown(row["received_at"]),
+            shown(row["finished_at"]),
             row["sop_instance_uid"],
             (row["last_error"] or "")[:60],
         )
@@ -115,7 +115,7 @@ def jobs_show(
         details = job_details(session, job_id)
         return None if details is None else _details_document(details)
 
-    document = _with_database(settings, load)
+    document = with_database(settings, load)
     if document is None:
         typer.echo(f"dicom-node: no job {job_id}", err=True)
         raise typer.Exit(EXIT_FAILURE)
@@ -150,7 +150,7 @@ def _details_document(details: JobDetails) -> dict[str, Any]:
             "purged_at": _iso(instance.purged_at),
         },
         "results": [_result_row(result) for result in details.results],
-        "sends": [_send_row(send) for send in details.sends],
+        "sends": [send_row(send) for send in details.sends],
         "audit": [_audit_row(event) for event in details.audit],
     }
 
@@ -221,7 +221,7 @@ def jobs_retry(
     ids_or_every(ids, failed, "job ids or --failed")
     settings = load_for_command(config)
     actor = f"cli:{getpass.getuser()}"
-    outcome = _with_database(settings, lambda s: _retry(s, None if failed else ids, actor))
+    outcome = with_database(settings, lambda s: _retry(s, None if failed else ids, actor))
     requeued, refused = outcome
     if json_output:
         typer.echo(json.dumps({"requeued": requeued, "refused": refused}))

@@ -18,13 +18,13 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from dicom_node.cli import (
+from dicom_node.cli.common import (
     EXIT_CONFIG,
     ConfigOption,
     JsonOption,
-    _shown,
-    _with_database,
     load_for_command,
+    shown,
+    with_database,
 )
 from dicom_node.config import Settings
 from dicom_node.patient_lookup import PHI_NOTICE
@@ -61,7 +61,7 @@ def worklist(
     except ValueError as exc:
         typer.echo(f"dicom-node: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
-    rows = _with_database(settings, lambda s: _rows(s, settings, moment, levels, limit, show_phi))
+    rows = with_database(settings, lambda s: _rows(s, settings, moment, levels, limit, show_phi))
     if show_phi:
         typer.echo(PHI_NOTICE, err=True)
     if json_output:
@@ -118,7 +118,7 @@ def _print(rows: list[dict[str, Any]], show_phi: bool) -> None:
             "-" if row["priority_score"] is None else f"{row['priority_score']:.3f}",
             finding,
             row["status"],
-            _shown(row["accession_number"]),
+            shown(row["accession_number"]),
             _local(row["first_received_at"]),
             str(row["instances"]),
         ]

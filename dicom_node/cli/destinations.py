@@ -14,7 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dicom_node.cli import EXIT_CONFIG, EXIT_FAILURE, ConfigOption, JsonOption, load_for_command
+from dicom_node.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    ConfigOption,
+    JsonOption,
+    load_for_command,
+)
 from dicom_node.dispatch.reachability import check_destinations
 
 destinations_app = typer.Typer(
