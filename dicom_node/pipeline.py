@@ -47,9 +47,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.analyzer import Analyzer
 from dicom_node.config import PrioritySettings
 from dicom_node.dispatch import Destination
-from dicom_node.engine import Engine
 from dicom_node.logs import get_logger
 from dicom_node.notify import StudyNotifier
 from dicom_node.outputs import Output, build_outputs, write_outputs
@@ -119,7 +119,7 @@ class _Outcome:
 
 @dataclass(frozen=True)
 class PipelineContext:
-    """What a pipeline needs from the node (one per worker thread, with its own engine)."""
+    """What a pipeline needs from the node (one per worker thread, with its own analyzer)."""
 
     sessions: sessionmaker[Session]
     spool: Spool
@@ -132,11 +132,11 @@ class PipelineContext:
 
 
 class Pipeline:
-    """Runs batches of claimed jobs for one worker with one engine."""
+    """Runs batches of claimed jobs for one worker with one analyzer."""
 
-    def __init__(self, context: PipelineContext, engine: Engine, worker_id: str) -> None:
+    def __init__(self, context: PipelineContext, analyzer: Analyzer, worker_id: str) -> None:
         self.context = context
-        self.engine = engine
+        self.analyzer = analyzer
         self.worker_id = worker_id
 
     def run(self, jobs: Sequence[ClaimedJob]) -> None:
@@ -177,13 +177,13 @@ class Pipeline:
         return _Work(job, dataset, decision)
 
     def _infer(self, works: list[_Work]) -> list[ImageResult] | None:
-        """One engine call for the batch; an engine crash re-queues every job in it."""
+        """One analyzer call for the batch; an analyzer crash re-queues every job in it."""
         try:
-            return self.engine.analyze([work.dataset for work in works])
+            return self.analyzer.analyze([work.dataset for work in works])
         except Exception as exc:
-            log.exception("engine failed on a batch", jobs=[w.job.job_id for w in works])
+            log.exception("analyzer failed on a batch", jobs=[w.job.job_id for w in works])
             for work in works:
-                self._retry(work.job, f"engine failed: {type(exc).__name__}: {exc}")
+                self._retry(work.job, f"analyzer failed: {type(exc).__name__}: {exc}")
             return None
 
     def _complete(self, work: _Work, result: ImageResult) -> None:
@@ -243,7 +243,7 @@ class Pipeline:
             instance_id=work.job.instance_id,
             job_id=work.job.job_id,
             pipeline=work.decision.pipeline,
-            model_key=self.engine.identity,
+            model_key=self.analyzer.identity,
             status=_STATUS[result.status],
             reason=result.reason or None,
             findings=[finding.as_dict() for finding in result.findings],

@@ -1,6 +1,6 @@
 """Workers: threads of ``serve`` that take queued jobs and run them through the pipeline.
 
-Each worker thread loads its own engine (torch modules with Grad-CAM hooks are not
+Each worker thread loads its own analyzer (torch modules with Grad-CAM hooks are not
 thread-safe), warms it up, then loops: claim up to ``batch_size`` jobs — most urgent
 first, then in arrival order — and hand them to :class:`~dicom_node.pipeline.Pipeline`;
 when the queue is empty, sleep until the listener signals a new job
@@ -15,7 +15,7 @@ died) and jobs of dead processes on this host (:func:`storage.queue.recover_orph
 need to wait for the lease). So with several worker processes — ``dicom-node worker`` on
 one or more hosts sharing the database and the spool — a ``kill -9`` of one leaves its
 jobs to the others. Inference never runs on the listener's threads.
-If the engine cannot be loaded (missing or corrupt bundle) the node keeps receiving; the
+If the analyzer cannot be loaded (missing or corrupt bundle) the node keeps receiving; the
 jobs wait in the queue and the worker tries to load again every minute.
 """
 
@@ -31,8 +31,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.analyzer import Analyzer, load_analyzer, warm_up
 from dicom_node.config import Settings
-from dicom_node.engine import Engine, load_engine, warm_up
 from dicom_node.logs import get_logger
 from dicom_node.notify import StudyNotifier
 from dicom_node.pipeline import ClaimedJob, Pipeline, PipelineContext
@@ -50,7 +50,7 @@ STOP_TIMEOUT_S = 120.0
 LEASE_RENEWALS = 4  # lease renewals per lease: three may fail before another worker steps in
 JOB_KINDS = ("analyze",)
 
-EngineFactory = Callable[[], Engine]
+AnalyzerFactory = Callable[[], Analyzer]
 
 
 def claim_jobs(
@@ -99,12 +99,12 @@ class Worker:
         *,
         jobs_wakeup: Wakeup,
         sends_wakeup: Wakeup | None = None,
-        engine_factory: EngineFactory | None = None,
+        analyzer_factory: AnalyzerFactory | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.jobs_wakeup = jobs_wakeup
-        self.engine_factory = engine_factory or (lambda: load_engine(settings.inference))
+        self.analyzer_factory = analyzer_factory or (lambda: load_analyzer(settings.inference))
         self.context = PipelineContext(
             sessions=sessions,
             spool=spool,
@@ -115,7 +115,7 @@ class Worker:
             priority=settings.priority,
             notifier=StudyNotifier.from_settings(settings),
         )
-        self.ready = threading.Event()  # set once a thread has its engine
+        self.ready = threading.Event()  # set once a thread has its analyzer
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._held: dict[str, list[int]] = {}  # worker id → ids of the jobs it runs now
@@ -182,10 +182,10 @@ class Worker:
 
     def _run(self, name: str) -> None:
         worker_id = owner_id(name)
-        engine = self._load_engine(worker_id)
-        if engine is None:
+        analyzer = self._load_analyzer(worker_id)
+        if analyzer is None:
             return
-        pipeline = Pipeline(self.context, engine, worker_id)
+        pipeline = Pipeline(self.context, analyzer, worker_id)
         self.ready.set()
         settings = self.settings.worker
         lease = timedelta(seconds=settings.job_lease)
@@ -210,15 +210,15 @@ class Worker:
             else:
                 self.jobs_wakeup.wait(seen, settings.poll_interval)
 
-    def _load_engine(self, worker_id: str) -> Engine | None:
-        """Load (and warm up) the engine, retrying until it works or the node stops."""
+    def _load_analyzer(self, worker_id: str) -> Analyzer | None:
+        """Load (and warm up) the analyzer, retrying until it works or the node stops."""
         while not self._stop.is_set():
             started = time.perf_counter()
             try:
-                engine = self.engine_factory()
+                analyzer = self.analyzer_factory()
             except Exception as exc:
                 log.error(
-                    "engine cannot be loaded; jobs stay queued",
+                    "analyzer cannot be loaded; jobs stay queued",
                     worker=worker_id,
                     error_type=type(exc).__name__,
                     error=str(exc)[:300],
@@ -226,12 +226,12 @@ class Worker:
                 )
                 self._stop.wait(ENGINE_RETRY_S)
                 continue
-            warm_up(engine, self.context.equipment)
+            warm_up(analyzer, self.context.equipment)
             log.info(
                 "worker ready",
                 worker=worker_id,
-                models=engine.identity,
+                models=analyzer.identity,
                 load_ms=round((time.perf_counter() - started) * 1000),
             )
-            return engine
+            return analyzer
         return None

@@ -2,7 +2,7 @@
 
 Studies are copies of one shared chest image (new UIDs and accession numbers) and one hip
 image, pushed through the real receive path and the real pipeline with
-:class:`~tests.pipeline_support.FakeEngine` set to a different probability per study, so
+:class:`~tests.pipeline_support.FakeAnalyzer` set to a different probability per study, so
 the priorities, results, SR/SC outputs and sends are what a node would have made. They
 arrive out of priority order on purpose. The node is a real :class:`~dicom_node.node.Node`
 (no workers), serving the API with uvicorn on port 0.
@@ -26,7 +26,7 @@ from dicom_node.receive import StoreService
 from storage.db import make_engine, make_session_factory, upgrade
 from storage.spool import Spool
 from tests.pipeline_support import (
-    FakeEngine,
+    FakeAnalyzer,
     destination_toml,
     make_pipeline,
     receive_file,
@@ -101,7 +101,7 @@ def arrive(
     """One new study received and analysed with ``probability``; returns its UID."""
     path = study_copy(source, work, accession)
     receive_file(StoreService(spool, sessions, min_free_bytes=0), path)
-    engine = FakeEngine(probability=probability)
+    engine = FakeAnalyzer(probability=probability)
     run_queue(make_pipeline(settings, sessions, spool, engine), sessions)
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 

@@ -1,6 +1,6 @@
 """Helpers for the worker, sender and retention tests.
 
-The engine is the one thing replaced here: :class:`FakeEngine` applies the real
+The engine is the one thing replaced here: :class:`FakeAnalyzer` applies the real
 cascade's header gate (frontal chest CR/DX → scored, anything else → not scored with the
 gate's reason) but runs no network; its results are built by the same helpers the result
 writers' tests use, so the SRs and SCs the pipeline writes are real and go through
@@ -52,7 +52,7 @@ CHEST = "siim-cr-jpegbaseline.dcm"
 
 
 @dataclass
-class FakeEngine:
+class FakeAnalyzer:
     """Scores chest images with a fixed probability; records every batch it is given."""
 
     identity: str = FAKE_IDENTITY
@@ -144,7 +144,7 @@ def settings_for(tmp_path: Path, database_url: str, toml: str = "", **overrides:
 
 
 def make_pipeline(
-    settings: Settings, sessions: sessionmaker[Session], spool: Spool, engine: FakeEngine
+    settings: Settings, sessions: sessionmaker[Session], spool: Spool, engine: FakeAnalyzer
 ) -> Pipeline:
     context = PipelineContext(
         sessions=sessions,
@@ -186,7 +186,7 @@ class Node:
         self.sessions = sessions
         self.spool = spool
         self.store = StoreService(spool, sessions, min_free_bytes=0)
-        self.engine = FakeEngine()
+        self.engine = FakeAnalyzer()
         self.pipeline = make_pipeline(self.settings, sessions, spool, self.engine)
         self.sender = Sender(self.settings, sessions, spool, wakeup=Wakeup())
 

@@ -1,6 +1,6 @@
-"""An engine made to order for the priority and worklist tests.
+"""An analyzer made to order for the priority and worklist tests.
 
-:class:`PlannedEngine` scores each image with the probability and cascade stage planned
+:class:`PlannedAnalyzer` scores each image with the probability and cascade stage planned
 for its SOP Instance UID (the images themselves come from
 :func:`tests.pipeline_support.chest_image`). Everything else — receive path, database,
 pipeline, SR writer — is the real thing.
@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from inference.cascade import ImageResult
-from tests.pipeline_support import FakeEngine
+from tests.pipeline_support import FakeAnalyzer
 from tests.results_data import make_finding, make_result
 
 CONFIRM_THRESHOLD = 0.5  # the threshold make_finding reports
 
 
 @dataclass
-class PlannedEngine(FakeEngine):
+class PlannedAnalyzer(FakeAnalyzer):
     """Scores each image as planned: SOP Instance UID → (probability, stage).
 
     A confirm-stage finding is present at :data:`CONFIRM_THRESHOLD`; a screen-stage one

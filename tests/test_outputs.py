@@ -24,7 +24,7 @@ from storage.db import session_scope
 from storage.models import Result, Send
 from storage.spool import Spool
 from tests.pipeline_support import (
-    FakeEngine,
+    FakeAnalyzer,
     destination_toml,
     make_pipeline,
     receive_file,
@@ -70,7 +70,7 @@ def test_a_rule_with_outputs_sr_gets_no_heatmap(
     data: Path,
 ) -> None:
     settings = settings_for(tmp_path, database_url, PACS + rule_toml('["sr"]'))
-    pipeline = make_pipeline(settings, sessions, spool, FakeEngine())
+    pipeline = make_pipeline(settings, sessions, spool, FakeAnalyzer())
     receive_file(store, data / CHEST)
     assert run_queue(pipeline, sessions) == 1
     result = only_result(sessions)
@@ -105,7 +105,7 @@ def test_a_new_output_type_is_one_registration(
     copy = OutputType("copy", "1.2.840.10008.5.1.4.1.1.88.34", _copy_of_the_report)
     monkeypatch.setitem(registry._REGISTRY, "copy", copy)
     settings = settings_for(tmp_path, database_url, PACS + rule_toml('["sr", "copy"]'))
-    pipeline = make_pipeline(settings, sessions, spool, FakeEngine())
+    pipeline = make_pipeline(settings, sessions, spool, FakeAnalyzer())
     receive_file(store, data / CHEST)
     assert run_queue(pipeline, sessions) == 1
 

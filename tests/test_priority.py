@@ -2,7 +2,7 @@
 reported in the SR.
 
 The pipeline tests run real jobs on both backends (real receive path, database, spool and
-SR writer; :class:`tests.priority_support.PlannedEngine` instead of the networks), and
+SR writer; :class:`tests.priority_support.PlannedAnalyzer` instead of the networks), and
 every SR they read back also goes through ``dciodvfy``.
 """
 
@@ -35,7 +35,7 @@ from tests.pipeline_support import (
     run_queue,
     settings_for,
 )
-from tests.priority_support import PlannedEngine
+from tests.priority_support import PlannedAnalyzer
 from tests.results_data import make_finding, make_result, read_source
 
 DEFAULTS = PrioritySettings()
@@ -107,8 +107,8 @@ def test_sr_uid_depends_on_the_priority_it_reports() -> None:
 
 
 @pytest.fixture
-def planned() -> PlannedEngine:
-    return PlannedEngine()
+def planned() -> PlannedAnalyzer:
+    return PlannedAnalyzer()
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def pipeline(
     database_url: str,
     sessions: sessionmaker[Session],
     spool: Spool,
-    planned: PlannedEngine,
+    planned: PlannedAnalyzer,
 ) -> Pipeline:
     return make_pipeline(settings_for(tmp_path, database_url), sessions, spool, planned)
 
@@ -128,7 +128,7 @@ Analyse = Callable[..., tuple[Image, int]]
 @pytest.fixture
 def analyse(
     pipeline: Pipeline,
-    planned: PlannedEngine,
+    planned: PlannedAnalyzer,
     store: StoreService,
     sessions: sessionmaker[Session],
     data: Path,

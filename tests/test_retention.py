@@ -16,7 +16,7 @@ from storage.outbox import mark_sent
 from storage.retention import purge
 from storage.spool import Spool
 from tests.pipeline_support import (
-    FakeEngine,
+    FakeAnalyzer,
     destination_toml,
     make_pipeline,
     receive_file,
@@ -43,7 +43,7 @@ def analysed(
     settings = settings_for(tmp_path, database_url, destination_toml("pacs", 11104))
     store = StoreService(spool, sessions, min_free_bytes=0)
     ids = {name: receive_file(store, data_dir / "dicom" / name) for name in (CHEST, CHEST_2, HIP)}
-    run_queue(make_pipeline(settings, sessions, spool, FakeEngine()), sessions)
+    run_queue(make_pipeline(settings, sessions, spool, FakeAnalyzer()), sessions)
     return ids
 
 

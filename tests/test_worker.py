@@ -1,7 +1,7 @@
 """The worker pipeline on both backends: job states, results, outputs, sends, crash re-runs.
 
-Real receive path, database, spool, rules and result builders; a fake engine
-(:class:`tests.pipeline_support.FakeEngine`) so each test takes a second, not a minute.
+Real receive path, database, spool, rules and result builders; a fake analyzer
+(:class:`tests.pipeline_support.FakeAnalyzer`) so each test takes a second, not a minute.
 Every SR and SC the pipeline writes here is checked with ``dciodvfy``.
 """
 
@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.engine import synthetic_radiograph
+from dicom_node.analyzer import synthetic_radiograph
 from dicom_node.pipeline import Pipeline
 from dicom_node.receive import StoreService
 from dicom_node.results.sr import measurement_report
@@ -33,7 +33,7 @@ from storage.spool import Spool
 from tests.dciodvfy import dciodvfy
 from tests.pipeline_support import (
     WORKER_ID,
-    FakeEngine,
+    FakeAnalyzer,
     destination_toml,
     make_pipeline,
     receive_file,
@@ -50,8 +50,8 @@ TWO_DESTINATIONS = destination_toml("pacs", 11104) + destination_toml("backup", 
 
 
 @pytest.fixture
-def fake_engine() -> FakeEngine:
-    return FakeEngine()
+def fake_analyzer() -> FakeAnalyzer:
+    return FakeAnalyzer()
 
 
 @pytest.fixture
@@ -60,10 +60,10 @@ def pipeline(
     database_url: str,
     sessions: sessionmaker[Session],
     spool: Spool,
-    fake_engine: FakeEngine,
+    fake_analyzer: FakeAnalyzer,
 ) -> Pipeline:
     settings = settings_for(tmp_path, database_url, TWO_DESTINATIONS)
-    return make_pipeline(settings, sessions, spool, fake_engine)
+    return make_pipeline(settings, sessions, spool, fake_analyzer)
 
 
 def job_of(sessions: sessionmaker[Session], instance_id: int) -> Job:
@@ -103,7 +103,7 @@ def test_scored_image_gets_sr_sc_result_and_one_send_per_destination_and_output(
     assert (job.state, job.attempts, job.last_error) == (JobState.DONE, 1, None)
     (result,) = results_of(sessions, instance_id)
     assert result.status is ResultStatus.SCORED and result.reason is None
-    assert result.model_key == FakeEngine().identity and result.pipeline == "cxr-cascade"
+    assert result.model_key == FakeAnalyzer().identity and result.pipeline == "cxr-cascade"
     (finding,) = result.findings
     assert finding["code"] == "233604007" and finding["probability"] == 0.8731
     assert finding["present"] is True and finding["stage"] == "confirm"
@@ -163,10 +163,10 @@ def test_decode_error_fails_the_job_once_without_retry(
     store: StoreService,
     sessions: sessionmaker[Session],
     data: Path,
-    fake_engine: FakeEngine,
+    fake_analyzer: FakeAnalyzer,
 ) -> None:
     source = pydicom.dcmread(data / CHEST, stop_before_pixels=True)
-    fake_engine.errors.add(str(source.SOPInstanceUID))
+    fake_analyzer.errors.add(str(source.SOPInstanceUID))
     instance_id = receive_file(store, data / CHEST)
     run_queue(pipeline, sessions)
     job = job_of(sessions, instance_id)
@@ -181,7 +181,7 @@ def test_routed_to_no_pipeline_is_skipped_with_the_rules_reason(
     store: StoreService,
     sessions: sessionmaker[Session],
     data: Path,
-    fake_engine: FakeEngine,
+    fake_analyzer: FakeAnalyzer,
 ) -> None:
     instance_id = receive_file(store, data / HIP)
     run_queue(pipeline, sessions)
@@ -189,7 +189,7 @@ def test_routed_to_no_pipeline_is_skipped_with_the_rules_reason(
     assert job.state is JobState.SKIPPED
     assert job.last_error and job.last_error.startswith("no rule matched")
     assert "BodyPartExamined" in job.last_error
-    assert fake_engine.batches == [] and results_of(sessions, instance_id) == []
+    assert fake_analyzer.batches == [] and results_of(sessions, instance_id) == []
 
 
 def test_rules_route_by_calling_ae_and_choose_destinations(
@@ -216,7 +216,7 @@ destinations = ["backup"]
 """
     )
     pipeline = make_pipeline(
-        settings_for(tmp_path, database_url, toml), sessions, spool, FakeEngine()
+        settings_for(tmp_path, database_url, toml), sessions, spool, FakeAnalyzer()
     )
     research = receive_file(store, data / CHEST, calling_ae="RESEARCH")
     clinical = receive_file(store, data / CHEST_2, calling_ae="CR_ROOM_1")
@@ -227,27 +227,27 @@ destinations = ["backup"]
     assert {s.destination for s in sends_of(sessions)} == {"backup"}
 
 
-def test_burst_is_analysed_in_one_engine_call(
+def test_burst_is_analysed_in_one_analyzer_call(
     pipeline: Pipeline,
     store: StoreService,
     sessions: sessionmaker[Session],
     data: Path,
-    fake_engine: FakeEngine,
+    fake_analyzer: FakeAnalyzer,
 ) -> None:
     for name in (CHEST, CHEST_2, DENTAL, HIP):
         receive_file(store, data / name)
     assert run_queue(pipeline, sessions, batch_size=8) == 4
-    assert fake_engine.batches == [3]  # the hip is routed to no pipeline, never analysed
+    assert fake_analyzer.batches == [3]  # the hip is routed to no pipeline, never analysed
 
 
-def test_engine_crash_requeues_then_fails_after_max_attempts(
+def test_analyzer_crash_requeues_then_fails_after_max_attempts(
     pipeline: Pipeline,
     store: StoreService,
     sessions: sessionmaker[Session],
     data: Path,
-    fake_engine: FakeEngine,
+    fake_analyzer: FakeAnalyzer,
 ) -> None:
-    fake_engine.crash = RuntimeError("CUDA went away")
+    fake_analyzer.crash = RuntimeError("CUDA went away")
     instance_id = receive_file(store, data / CHEST)
     for attempt in range(1, 4):
         with session_scope(sessions) as s:  # make the retry due now
@@ -339,7 +339,7 @@ def test_expired_lease_lets_another_worker_finish_and_drops_the_late_result(
     instance_id = receive_file(store, data / CHEST)
     stale = claim_jobs(sessions, WORKER_ID, limit=1, lease=timedelta(seconds=-1))
     other = make_pipeline(
-        settings_for(tmp_path, database_url, TWO_DESTINATIONS), sessions, spool, FakeEngine()
+        settings_for(tmp_path, database_url, TWO_DESTINATIONS), sessions, spool, FakeAnalyzer()
     )
     other.worker_id = "otherhost:7:worker-1"
     taken = claim_jobs(sessions, other.worker_id, limit=1, lease=timedelta(minutes=5))
@@ -393,22 +393,24 @@ def worker_service(
     database_url: str,
     sessions: sessionmaker[Session],
     spool: Spool,
-) -> Iterator[tuple[Worker, FakeEngine]]:
+) -> Iterator[tuple[Worker, FakeAnalyzer]]:
     from dicom_node.wakeup import Wakeup
 
     settings = settings_for(tmp_path, database_url, "[worker]\npoll_interval = 60\n")
-    engine = FakeEngine()
-    worker = Worker(settings, sessions, spool, jobs_wakeup=Wakeup(), engine_factory=lambda: engine)
+    analyzer = FakeAnalyzer()
+    worker = Worker(
+        settings, sessions, spool, jobs_wakeup=Wakeup(), analyzer_factory=lambda: analyzer
+    )
     worker.start()
     try:
         assert worker.ready.wait(60)
-        yield worker, engine
+        yield worker, analyzer
     finally:
         worker.stop()
 
 
 def test_worker_wakes_on_notification_not_on_poll(
-    worker_service: tuple[Worker, FakeEngine],
+    worker_service: tuple[Worker, FakeAnalyzer],
     store: StoreService,
     sessions: sessionmaker[Session],
     data: Path,
@@ -425,7 +427,7 @@ def test_worker_wakes_on_notification_not_on_poll(
     assert time.monotonic() - started < 30  # poll interval is 60 s: it was the wake-up
 
 
-def test_engine_that_cannot_load_leaves_jobs_queued(
+def test_analyzer_that_cannot_load_leaves_jobs_queued(
     tmp_path: Path,
     database_url: str,
     sessions: sessionmaker[Session],
@@ -435,11 +437,11 @@ def test_engine_that_cannot_load_leaves_jobs_queued(
 ) -> None:
     from dicom_node.wakeup import Wakeup
 
-    def broken() -> FakeEngine:
+    def broken() -> FakeAnalyzer:
         raise FileNotFoundError("bundle missing")
 
     settings = settings_for(tmp_path, database_url)
-    worker = Worker(settings, sessions, spool, jobs_wakeup=Wakeup(), engine_factory=broken)
+    worker = Worker(settings, sessions, spool, jobs_wakeup=Wakeup(), analyzer_factory=broken)
     worker.start()
     try:
         instance_id = receive_file(store, data / CHEST)
@@ -466,7 +468,7 @@ def test_recover_orphans_only_touches_dead_local_processes(
 
 
 def test_warm_up_dataset_is_a_valid_source() -> None:
-    """The synthetic radiograph used to warm the engine up builds a valid SR."""
+    """The synthetic radiograph used to warm the analyzer up builds a valid SR."""
     source = synthetic_radiograph(64)
     report = measurement_report(source, make_result(source, [make_finding()]))
     assert report.StudyInstanceUID == source.StudyInstanceUID
@@ -476,7 +478,7 @@ def test_warm_up_dataset_is_a_valid_source() -> None:
 
 
 @dataclass
-class SlowEngine(FakeEngine):
+class SlowAnalyzer(FakeAnalyzer):
     """Takes ``seconds`` per batch: longer than the test's job lease."""
 
     seconds: float = 2.5
@@ -491,13 +493,13 @@ def short_lease_worker(
     database_url: str,
     sessions: sessionmaker[Session],
     spool: Spool,
-    engine: FakeEngine,
+    analyzer: FakeAnalyzer,
 ) -> Worker:
     from dicom_node.wakeup import Wakeup
 
     toml = "[worker]\npoll_interval = 60\njob_lease = 0.8\n"
     settings = settings_for(tmp_path, database_url, toml)
-    return Worker(settings, sessions, spool, jobs_wakeup=Wakeup(), engine_factory=lambda: engine)
+    return Worker(settings, sessions, spool, jobs_wakeup=Wakeup(), analyzer_factory=lambda: analyzer)
 
 
 def running_claims(sessions: sessionmaker[Session], job_id: int) -> int:
@@ -517,7 +519,7 @@ def test_job_longer_than_its_lease_is_not_taken_over_while_its_worker_lives(
     store: StoreService,
     data: Path,
 ) -> None:
-    worker = short_lease_worker(tmp_path, database_url, sessions, spool, SlowEngine())
+    worker = short_lease_worker(tmp_path, database_url, sessions, spool, SlowAnalyzer())
     worker.start()
     try:
         assert worker.ready.wait(60)
@@ -548,7 +550,7 @@ def test_expired_lease_of_a_dead_worker_elsewhere_is_taken_back_without_a_poll(
 ) -> None:
     instance_id = receive_file(store, data / CHEST)
     claim_jobs(sessions, "otherhost:7:worker-1", limit=1, lease=timedelta(seconds=1))
-    worker = short_lease_worker(tmp_path, database_url, sessions, spool, FakeEngine())
+    worker = short_lease_worker(tmp_path, database_url, sessions, spool, FakeAnalyzer())
     worker.start()  # polls once at start (the job is not expired yet), then only every 60 s
     try:
         deadline = time.monotonic() + 30

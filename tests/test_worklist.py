@@ -34,7 +34,7 @@ from tests.pipeline_support import (
     run_queue,
     settings_for,
 )
-from tests.priority_support import PlannedEngine
+from tests.priority_support import PlannedAnalyzer
 from tests.support import run
 
 HIP = "rg2-hip-cr-jpegextended.dcm"  # not a chest: not scored, so no priority
@@ -65,7 +65,7 @@ def populated(
     data_dir: Path,
 ) -> Populated:
     data = data_dir / "dicom"
-    engine = PlannedEngine()
+    engine = PlannedAnalyzer()
     store = StoreService(spool, sessions, min_free_bytes=0)
     studies, patients = {}, {}
     images = tmp_path / "images"

@@ -1,12 +1,12 @@
-"""The inference engine as the worker sees it: load once, name it, warm it up.
+"""The analyzer: the inference models as the worker sees them: load once, name, warm up.
 
 The worker needs three things from :mod:`inference`: results for a batch of data sets,
 a stable *identity* of the models in force (the key of the ``results`` row, so a re-run
-updates rather than duplicates), and a first call that is not slow. :class:`Engine` is
-that contract; :class:`CascadeEngine` fulfils it with the screen → confirm cascade, and
+updates rather than duplicates), and a first call that is not slow. :class:`Analyzer` is
+that contract; :class:`CascadeAnalyzer` fulfils it with the screen → confirm cascade, and
 tests may substitute their own.
 
-One engine per worker thread: torch modules with Grad-CAM hooks keep per-call state
+One analyzer per worker thread: torch modules with Grad-CAM hooks keep per-call state
 and are not safe to share between threads.
 """
 
@@ -34,8 +34,8 @@ _WARM_UP_SIDE = 512
 _WARM_UP_LABEL = Label("warm-up", "WARMUP", "99CXRAI", "Warm-up")  # never leaves the process
 
 
-class Engine(Protocol):
-    """What the worker pipeline needs from the engine."""
+class Analyzer(Protocol):
+    """What the worker pipeline needs from the analyzer."""
 
     identity: str
 
@@ -52,8 +52,8 @@ def bundle_identity(bundle: Bundle) -> str:
     return f"{bundle.name}@{bundle.version}#{bundle.sha256[:12]}[{thresholds}]"
 
 
-class CascadeEngine:
-    """The screen → confirm cascade behind the :class:`Engine` contract."""
+class CascadeAnalyzer:
+    """The screen → confirm cascade behind the :class:`Analyzer` contract."""
 
     def __init__(self, cascade: Cascade) -> None:
         self.cascade = cascade
@@ -64,24 +64,24 @@ class CascadeEngine:
         return self.cascade.analyze(datasets)
 
 
-def load_engine(settings: InferenceSettings) -> CascadeEngine:
+def load_analyzer(settings: InferenceSettings) -> CascadeAnalyzer:
     """Load and verify the bundles (raises ``inference.bundle.BundleError``)."""
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
-    engine = CascadeEngine(Cascade.load(**settings.cascade_kwargs()))
+    analyzer = CascadeAnalyzer(Cascade.load(**settings.cascade_kwargs()))
     log.info(
         "models loaded",
-        screen=bundle_identity(engine.cascade.screen),
-        confirm=bundle_identity(engine.cascade.confirm),
+        screen=bundle_identity(analyzer.cascade.screen),
+        confirm=bundle_identity(analyzer.cascade.confirm),
         screen_threshold_override=settings.screen_threshold,
         confirm_threshold_override=settings.confirm_threshold,
     )
-    return engine
+    return analyzer
 
 
-def warm_up(engine: Engine, equipment: Equipment) -> None:
+def warm_up(analyzer: Analyzer, equipment: Equipment) -> None:
     """Run every step once on a synthetic radiograph, so the first real image is not slow.
 
     The first forward pass allocates, and highdicom loads its code dictionaries on first
@@ -90,7 +90,7 @@ def warm_up(engine: Engine, equipment: Equipment) -> None:
     """
     source = synthetic_radiograph()
     try:
-        engine.analyze([source])
+        analyzer.analyze([source])
         result = ImageResult(
             str(source.SOPInstanceUID),
             SCORED,
@@ -107,7 +107,7 @@ def warm_up(engine: Engine, equipment: Equipment) -> None:
         )
         build_outputs(output_types(output_names()), inputs)
     except Exception as exc:  # best effort by design
-        log.warning("engine warm-up failed", error_type=type(exc).__name__, error=str(exc)[:200])
+        log.warning("analyzer warm-up failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
 
 def synthetic_radiograph(side: int = _WARM_UP_SIDE) -> Dataset:
