@@ -3,7 +3,6 @@ copy of the source's patient and study header (see the package docstring)."""
 
 from __future__ import annotations
 
-import logging
 from copy import deepcopy
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -16,9 +15,10 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
 
+from dicom_node.logs import get_logger
 from dicom_node.results.uids import derived_uid
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PRIVATE_SCHEME = "99CXRAI"
 """Coding Scheme Designator of the node's own codes (PS3.16 8.2: private schemes start
@@ -142,7 +142,7 @@ def source_header(source: Dataset) -> Dataset:
         if elem.tag.is_private or elem.tag.group >= 0x6000 or elem.VR in _BULK_VRS:
             continue
         if elem.keyword not in IDENTIFYING and not _is_valid(elem):
-            logger.debug("source attribute %s has an invalid value; not copied", elem.keyword)
+            log.debug("source attribute has an invalid value; not copied", keyword=elem.keyword)
             continue
         header.add(deepcopy(elem))
     for keyword in PATIENT_STUDY_TYPE2:
