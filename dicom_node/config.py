@@ -270,9 +270,11 @@ class StorageSettings(_Section):
 class HttpSettings(_Section):
     """``[http]``: the HTTP API, metrics and dashboard (:mod:`dicom_node.api`).
 
-    Every endpoint but ``/healthz`` needs the bearer token: ``DICOM_NODE_API_TOKEN``, else
-    the first line of ``token_file``, else one generated at first start and kept in
-    ``<home>/api-token`` (mode 0600).
+    Every endpoint but ``/healthz`` needs a bearer token. The admin token (every endpoint)
+    is ``DICOM_NODE_API_TOKEN``, else the first line of ``token_file``, else one generated
+    at first start and kept in ``<home>/api-token`` (mode 0600). The optional viewer token
+    (reads only) is ``DICOM_NODE_API_VIEWER_TOKEN``, else the first line of
+    ``viewer_token_file``.
     """
 
     enabled: bool = Field(True, description="Serve the HTTP API in serve.")
@@ -280,6 +282,18 @@ class HttpSettings(_Section):
     port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP API; 0 = any free.")
     token_file: AbsolutePath | None = Field(
         None, description="File holding the API token; default <home>/api-token (generated)."
+    )
+    viewer_token_file: AbsolutePath | None = Field(
+        None, description="File holding the read-only viewer token; default: no viewer token."
+    )
+    auth_failure_limit: int = Field(
+        10, ge=1, description="Failed authentications per client address before 429."
+    )
+    auth_failure_window_s: float = Field(
+        60.0, gt=0, description="Seconds over which failed authentications are counted."
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=0, description="Largest request body accepted (larger: 413)."
     )
 
 

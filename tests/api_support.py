@@ -37,7 +37,8 @@ from tests.support import free_port
 
 CHEST = "nih-00000001_000-dx-sc.dcm"
 HIP = "rg2-hip-cr-jpegextended.dcm"  # stored, routed to no pipeline: skipped, no priority
-TOKEN = "test-token-0123456789abcdef"
+TOKEN = "test-token-0123456789abcdef"  # the admin token
+VIEWER_TOKEN = "viewer-token-0123456789abcdef"
 PATIENT_NAME = "Testpatient^Jane"  # must never appear in an API response
 PATIENT_ID_PREFIX = "PID-7Q-"
 
@@ -106,18 +107,20 @@ def arrive(
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
-def node_settings(home: Path, database_url: str, *, token_file: bool = True) -> Settings:
+def node_settings(
+    home: Path, database_url: str, *, token_file: bool = True, **http_settings: object
+) -> Settings:
     """A node on free ports, without workers, with one (unreachable) PACS destination.
 
-    The token comes from a file holding :data:`TOKEN` unless ``token_file`` is False (then
-    the node generates one in its home).
+    The admin token comes from a file holding :data:`TOKEN` unless ``token_file`` is False
+    (then the node generates one in its home); the viewer token from one holding
+    :data:`VIEWER_TOKEN`. Failed authentications are not limited (tests of refusals share
+    one node and one client address) unless ``http_settings`` say otherwise.
     """
-    http: dict[str, object] = {"port": 0}
+    http: dict[str, object] = {"port": 0, "auth_failure_limit": 100_000, **http_settings}
     if token_file:
-        path = home / "token.txt"
-        path.write_text(TOKEN + "\n")
-        path.chmod(0o600)
-        http["token_file"] = path
+        http["token_file"] = _token_file(home / "token.txt", TOKEN)
+    http["viewer_token_file"] = _token_file(home / "viewer-token.txt", VIEWER_TOKEN)
     return settings_for(
         home,
         database_url,
@@ -126,6 +129,13 @@ def node_settings(home: Path, database_url: str, *, token_file: bool = True) -> 
         http=http,
         worker={"threads": 0},
     )
+
+
+def _token_file(path: Path, token: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
 
 
 @dataclass
@@ -150,10 +160,11 @@ class ApiNode:
 
 @contextlib.contextmanager
 def running_api(
-    home: Path, database_url: str, data: Path, *, populated: bool = True
+    home: Path, database_url: str, data: Path, *, populated: bool = True, **http_settings: object
 ) -> Iterator[ApiNode]:
-    """Populate the database (if asked), then run a node serving the API on a free port."""
-    settings = node_settings(home, database_url)
+    """Populate the database (if asked), then run a node serving the API on a free port
+    (``http_settings``: ``[http]`` keys for :func:`node_settings`)."""
+    settings = node_settings(home, database_url, **http_settings)
     engine = make_engine(database_url)
     try:
         upgrade(engine)

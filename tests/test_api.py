@@ -7,10 +7,12 @@ change state or need a fresh home start a node of their own.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,8 +21,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from dicom_node.api import create_app, resolve_token
-from dicom_node.api.auth import TOKEN_ENV, TokenError
+from dicom_node.api import create_app, resolve_token, resolve_tokens
+from dicom_node.api.auth import TOKEN_ENV, VIEWER_TOKEN_ENV, Role, TokenError, fingerprint
 from dicom_node.node import Node
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import AuditEvent, Job, JobState
@@ -31,6 +33,7 @@ from tests.api_support import (
     PRIORITY_OF,
     SCORED,
     TOKEN,
+    VIEWER_TOKEN,
     ApiNode,
     node_settings,
     running_api,
@@ -114,7 +117,8 @@ def test_generated_token_file_is_private_and_reused_across_starts(
     assert stat.S_IMODE(token_path.stat().st_mode) == 0o600
     assert len(tokens[0]) >= 40 and tokens[0] == tokens[1]
     logged = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records]
-    assert ("api token in force", {"source": "generated file", "path": str(token_path)}) in logged
+    in_force = {"role": "admin", "source": "generated file", "path": str(token_path)}
+    assert ("api token in force", in_force) in logged
     assert tokens[0] not in repr(logged)
 
 
@@ -308,3 +312,186 @@ def test_metrics_count_instances_jobs_results_sends_and_stage_timings(api: ApiNo
     }
     assert set(models) == {"screen", "confirm"}
     assert all(len(model["sha256"]) == 64 and model["version"] for model in models.values())
+
+
+# -- roles: every operation of the OpenAPI document -------------------------------------
+
+PUBLIC = {("get", "/healthz")}
+ROLES = {role.value for role in Role}
+
+
+def operations(api: ApiNode) -> list[tuple[str, str, dict[str, Any]]]:
+    """(method, path, operation) of every operation the running app's schema lists."""
+    assert api.node.http is not None and api.node.http.app is not None
+    document = api.node.http.app.openapi()
+    return [
+        (method, path, operation)
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method in {"get", "post", "put", "patch", "delete"}
+    ]
+
+
+def role_of(method: str, path: str, operation: dict[str, Any]) -> str | None:
+    roles = ROLES & set(operation.get("tags", []))
+    if (method, path) in PUBLIC:
+        assert not roles, (method, path)
+        return None
+    assert len(roles) == 1, f"{method} {path} must declare one role, not {roles}"
+    return roles.pop()
+
+
+def concrete(path: str, operation: dict[str, Any]) -> str:
+    """The path with its parameters filled in with values that name nothing stored, so that
+    calling an action changes nothing."""
+    for parameter in operation.get("parameters", []):
+        if parameter["in"] != "path":
+            continue
+        kind = parameter["schema"].get("type")
+        value = "999999" if kind == "integer" else "1.2.999"
+        path = path.replace("{" + parameter["name"] + "}", value)
+    assert "{" not in path, path
+    return path
+
+
+def test_every_operation_declares_a_role_and_every_action_is_admin(api: ApiNode) -> None:
+    found = {(m, p): role_of(m, p, op) for m, p, op in operations(api)}
+    assert found[("post", "/api/jobs/{job_id}/retry")] == "admin"
+    assert found[("get", "/api/worklist")] == "viewer"
+    assert found[("get", "/metrics")] == "viewer"
+    for (method, path), role in found.items():
+        if method != "get":
+            assert role == "admin", f"{method} {path} changes state: it must be admin"
+
+
+def test_viewer_is_refused_every_admin_operation_and_admin_is_allowed(api: ApiNode) -> None:
+    admin_operations = [
+        (method, concrete(path, op))
+        for method, path, op in operations(api)
+        if role_of(method, path, op) == "admin"
+    ]
+    assert admin_operations
+    with api.client(VIEWER_TOKEN) as viewer, api.client(TOKEN) as admin:
+        for method, url in admin_operations:
+            refused = viewer.request(method, url)
+            assert refused.status_code == 403, (method, url, refused.text)
+            assert refused.json() == {"detail": "this needs the admin role"}
+            allowed = admin.request(method, url)
+            assert allowed.status_code not in (401, 403, 429), (method, url, allowed.text)
+
+
+def test_viewer_and_admin_may_read_every_viewer_operation(api: ApiNode) -> None:
+    viewer_operations = [
+        (method, concrete(path, op))
+        for method, path, op in operations(api)
+        if role_of(method, path, op) == "viewer"
+    ]
+    assert len(viewer_operations) >= 5
+    with api.client(VIEWER_TOKEN) as viewer, api.client(TOKEN) as admin, api.client(None) as anon:
+        for method, url in viewer_operations:
+            for client in (viewer, admin):
+                answer = client.request(method, url)
+                assert answer.status_code not in (401, 403, 429), (method, url, answer.text)
+            assert anon.request(method, url).status_code == 401
+
+
+def test_viewer_token_from_the_environment_wins_and_must_differ_from_the_admin_one(
+    tmp_path: Path,
+) -> None:
+    settings = node_settings(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
+    admin, viewer = resolve_tokens(settings, environ={})
+    assert (admin.role, admin.value) == (Role.ADMIN, TOKEN)
+    assert (viewer.role, viewer.value) == (Role.VIEWER, VIEWER_TOKEN)
+    (_, from_env) = resolve_tokens(settings, environ={VIEWER_TOKEN_ENV: "viewer-env-0123456789"})
+    assert from_env.value == "viewer-env-0123456789" and from_env.path is None
+    with pytest.raises(TokenError, match="must differ"):
+        resolve_tokens(settings, environ={VIEWER_TOKEN_ENV: TOKEN})
+    with pytest.raises(TokenError, match="at least 16 characters"):
+        resolve_tokens(settings, environ={VIEWER_TOKEN_ENV: "short"})
+    assert TOKEN not in repr(admin) and VIEWER_TOKEN not in repr(viewer)
+    assert fingerprint(VIEWER_TOKEN) == hashlib.sha256(VIEWER_TOKEN.encode()).hexdigest()[:12]
+
+
+# -- access audit -----------------------------------------------------------------------
+
+
+def audit_after(api: ApiNode, last_id: int) -> list[AuditEvent]:
+    with session_scope(api.sessions) as session:
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id)
+        ).all()
+        session.expunge_all()
+        return list(events)
+
+
+def last_audit_id(api: ApiNode) -> int:
+    with session_scope(api.sessions) as session:
+        return max(session.scalars(select(AuditEvent.id)).all(), default=0)
+
+
+def test_patient_data_reads_are_audited_with_role_token_fingerprint_and_client(
+    api: ApiNode,
+) -> None:
+    start = last_audit_id(api)
+    uid = api.studies["ACC-S1"]
+    with api.client(VIEWER_TOKEN) as client:
+        study = client.get(f"/api/studies/{uid}").json()
+        heatmap_url = study["instances"][0]["results"][0]["heatmap_url"]
+        assert client.get(heatmap_url, params={"size": 64}).status_code == 200
+        assert client.get("/api/worklist", params={"priority": "STAT", "limit": 5}).is_success
+        assert client.get("/api/status").is_success  # no patient data: not audited
+        assert client.get("/metrics").is_success
+    events = audit_after(api, start)
+    assert [e.kind for e in events] == ["api.get_study", "api.get_heatmap", "api.get_worklist"]
+    for event in events:
+        assert event.actor == "api:viewer" and event.peer_address == "127.0.0.1"
+        assert event.details is not None
+        assert event.details["role"] == "viewer"
+        assert event.details["token"] == fingerprint(VIEWER_TOKEN)
+        assert VIEWER_TOKEN not in repr(event.details) and TOKEN not in repr(event.details)
+    study_event, heatmap_event, worklist_event = (e.details or {} for e in events)
+    assert study_event["params"] == {"study_uid": uid}
+    assert study_event["path"] == "/api/studies/{study_uid}"
+    result_id = heatmap_url.split("/")[3]
+    assert heatmap_event["params"] == {"result_id": result_id}
+    assert heatmap_event["query"] == {"size": "64"}
+    assert worklist_event["query"] == {"priority": "STAT", "limit": "5"}
+
+
+def test_every_admin_operation_is_audited_even_when_refused(api: ApiNode) -> None:
+    admin_operations = [
+        (method, path, concrete(path, op))
+        for method, path, op in operations(api)
+        if role_of(method, path, op) == "admin"
+    ]
+    for method, path, url in admin_operations:
+        start = last_audit_id(api)
+        with api.client(TOKEN) as client:
+            answer = client.request(method, url)
+        assert answer.status_code == 404, answer.text  # nothing of that id: nothing changed
+        (event,) = audit_after(api, start)
+        assert event.kind.startswith("api.") and event.actor == "api:admin"
+        assert event.peer_address == "127.0.0.1"
+        assert event.details is not None
+        assert event.details["token"] == fingerprint(TOKEN)
+        assert (event.details["method"], event.details["path"]) == (method.upper(), path)
+    start = last_audit_id(api)
+    with api.client(VIEWER_TOKEN) as viewer:
+        for method, _path, url in admin_operations:
+            assert viewer.request(method, url).status_code == 403
+    assert audit_after(api, start) == []  # refused before anything ran
+
+
+def test_retry_is_audited_with_the_job_and_its_outcome(
+    tmp_path: Path, database_url: str, data_dir: Path
+) -> None:
+    with running_api(tmp_path, database_url, data_dir / "dicom") as node, node.client() as client:
+        study = client.get(f"/api/studies/{node.studies['ACC-HIP']}").json()
+        job_id = study["instances"][0]["jobs"][0]["id"]
+        assert client.post(f"/api/jobs/{job_id}/retry").status_code == 200
+        with session_scope(node.sessions) as session:
+            events = session.scalars(
+                select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.id)
+            ).all()
+            trail = [(e.kind, e.actor, (e.details or {}).get("role")) for e in events]
+    assert trail[-2:] == [("api.retry_job", "api:admin", "admin"), ("job.queued", "api", None)]

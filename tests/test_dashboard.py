@@ -5,12 +5,18 @@ the browser opens it with the token in the URL fragment and must show the workli
 priority then arrival order, node health, a study's findings and heatmap on request, and
 a study that arrives later without reloading the page. A screenshot is checked to be a
 real rendering (not blank) with the STAT colour on the first row's badge.
+
+The node serves a Content-Security-Policy without inline code (``default-src 'self'``):
+the browser's console log (chromedriver's ``goog:loggingPrefs``) must show no violation
+and no error while the page works, and an inline script the test injects must be
+refused — proof that the policy is in force, not merely sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -26,6 +32,7 @@ from tests.api_support import (
     EXPECTED_ORDER,
     PRIORITY_OF,
     TOKEN,
+    VIEWER_TOKEN,
     ApiNode,
     arrive,
     running_api,
@@ -47,6 +54,7 @@ def browser() -> Iterator[WebDriver]:
     options.binary_location = str(CHROMIUM)
     for flag in (*FLAGS, "--window-size=1280,1100", "--force-device-scale-factor=1"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     try:
         yield driver
@@ -70,6 +78,27 @@ def shown_accessions(driver: WebDriver) -> list[str]:
 
 def wait_for(driver: WebDriver, condition: object, message: str) -> None:
     WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(condition, message)  # type: ignore[arg-type]
+
+
+def console(driver: WebDriver) -> list[dict[str, Any]]:
+    """Browser console entries since the last call (chromedriver empties its buffer)."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")
+    return entries
+
+
+def csp_violations(entries: list[dict[str, Any]]) -> list[str]:
+    return [e["message"] for e in entries if "Content Security Policy" in e["message"]]
+
+
+def assert_csp_enforced(driver: WebDriver) -> None:
+    """An inline script added to the page must not run, and the browser must say why."""
+    driver.execute_script(
+        "const s = document.createElement('script');"
+        "s.textContent = 'window.__inline_ran = true;';"
+        "document.head.append(s);"
+    )
+    assert driver.execute_script("return window.__inline_ran === true;") is False
+    wait_for(driver, lambda d: bool(csp_violations(console(d))), "a CSP violation report")
 
 
 def test_dashboard_shows_the_worklist_by_priority_health_and_heatmaps(
@@ -103,6 +132,11 @@ def test_dashboard_shows_the_worklist_by_priority_health_and_heatmaps(
     assert shown_accessions(browser)[:4] == ["ACC-S1", "ACC-S2", "ACC-S3", "ACC-U1"]
     assert browser.execute_script("return window.__same_page === true;")
 
+    entries = console(browser)
+    assert csp_violations(entries) == []
+    assert [e["message"] for e in entries if e["level"] == "SEVERE"] == []
+    assert_csp_enforced(browser)
+
 
 def test_dashboard_without_a_token_asks_for_one_and_shows_no_data(
     node: ApiNode, browser: WebDriver
@@ -116,10 +150,16 @@ def test_dashboard_without_a_token_asks_for_one_and_shows_no_data(
     wait_for(browser, lambda d: login.is_displayed(), "token form again after a 401")
     assert study_rows(browser) == []
     browser.find_element("id", "token-input").clear()
-    browser.find_element("id", "token-input").send_keys(TOKEN)
+    browser.find_element("id", "token-input").send_keys(VIEWER_TOKEN)  # reads need no more
     browser.find_element("css selector", "#login-form button").click()
     wait_for(browser, lambda d: len(study_rows(d)) == len(EXPECTED_ORDER), "worklist rows")
     assert not login.is_displayed()
+    study_rows(browser)[0].find_element("tag name", "button").click()
+    wait_for(browser, _heatmap_loaded, "heatmap image")
+    entries = console(browser)
+    assert csp_violations(entries) == []
+    errors = [e["message"] for e in entries if e["level"] == "SEVERE"]
+    assert all("401" in message for message in errors), errors  # the wrong token only
 
 
 def _heatmap_loaded(driver: WebDriver) -> bool:

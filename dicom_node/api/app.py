@@ -2,10 +2,23 @@
 
 ``create_app`` builds a FastAPI application over the node's database and spool; the node
 serves it with uvicorn (:mod:`dicom_node.api.service`), tests may drive it directly.
-Every route but ``/healthz`` and the dashboard's static shell needs the bearer token
+Every route but ``/healthz`` and the dashboard's static shell needs a bearer token
 (:mod:`dicom_node.api.auth`), ``/metrics`` included — Prometheus sends it with
 ``authorization: {credentials_file: …}``. Routes are plain ``def`` functions: FastAPI
 runs them in its thread pool, so database work never blocks the event loop.
+
+Each route's role is declared in one place, by the router it is on — the router carries
+the role's dependency and the role as its OpenAPI tag:
+
+* ``_viewer`` (tag ``viewer``): status and metrics;
+* ``_viewer_audited`` (tags ``viewer``, ``audited``): reads that return
+  patient-identifying data — worklist, study, heatmap — each an audit event
+  (:mod:`dicom_node.api.audit`);
+* ``_admin`` (tags ``admin``, ``audited``): every action, each an audit event. A new
+  route that is not a read belongs here.
+
+Every answer carries the security headers and obeys the body limit of
+:mod:`dicom_node.api.hardening`.
 
 The schema is at ``/openapi.json``; the interactive docs pages are off because they load
 their scripts from a CDN, which a hospital network usually cannot (and should not) reach.
@@ -13,7 +26,7 @@ their scripts from a CDN, which a hospital network usually cannot (and should no
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -28,7 +41,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
 from dicom_node.api import heatmap
-from dicom_node.api.auth import ApiToken, RequireToken
+from dicom_node.api.audit import audit_admin, audit_read
+from dicom_node.api.auth import (
+    ApiToken,
+    Authenticator,
+    FailureLimiter,
+    Role,
+    require_viewer,
+)
+from dicom_node.api.hardening import HardeningMiddleware
 from dicom_node.api.metrics import ModelInfo, configured_models, make_registry
 from dicom_node.api.schemas import (
     Health,
@@ -56,7 +77,16 @@ ACTOR = "api"
 MAX_ID = 2**63 - 1
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 PNG = "image/png"
-_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem}}
+AUDITED = "audited"  # OpenAPI tag of the routes that write an access audit event
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "Missing or invalid token."},
+    403: {"model": Problem, "description": "The token's role does not allow this."},
+    429: {"model": Problem, "description": "Too many failed authentications from here."},
+}
+_ACTION_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    413: {"model": Problem, "description": "Request body too large."},
+}
 
 
 @dataclass(frozen=True)
@@ -73,11 +103,13 @@ def create_app(
     settings: Settings,
     sessions: sessionmaker[Session],
     spool: Spool,
-    token: ApiToken,
+    tokens: ApiToken | Sequence[ApiToken],
     *,
     models: list[ModelInfo] | None = None,
 ) -> FastAPI:
-    """The application; ``models`` defaults to the configured bundles' metadata."""
+    """The application; ``tokens`` are the tokens in force (:func:`~dicom_node.api.auth.
+    resolve_tokens`), ``models`` defaults to the configured bundles' metadata."""
+    http = settings.http
     app = FastAPI(
         title="cxr-ai-node",
         version=__version__,
@@ -87,10 +119,17 @@ def create_app(
     )
     models = configured_models(settings) if models is None else models
     app.state.context = ApiContext(settings, sessions, spool, make_registry(sessions, models))
+    app.state.authenticator = Authenticator(
+        [tokens] if isinstance(tokens, ApiToken) else list(tokens),
+        FailureLimiter(http.auth_failure_limit, http.auth_failure_window_s),
+    )
     app.include_router(_public)
-    app.include_router(_private, dependencies=[Depends(RequireToken(token))], responses=_ERRORS)
+    app.include_router(_viewer, responses=_ERRORS)
+    app.include_router(_viewer_audited, responses=_ERRORS)
+    app.include_router(_admin, responses=_ACTION_ERRORS)
     static = resources.files("dicom_node.api") / "static"
     app.mount("/dashboard", StaticFiles(directory=str(static), html=True), name="dashboard")
+    app.add_middleware(HardeningMiddleware, max_body_bytes=http.max_body_bytes)
     return app
 
 
@@ -108,12 +147,20 @@ Context = Annotated[ApiContext, Depends(_context)]
 Db = Annotated[Session, Depends(_session)]
 
 _public = APIRouter()
-_private = APIRouter()
+_viewer = APIRouter(tags=[Role.VIEWER.value], dependencies=[Depends(require_viewer)])
+_viewer_audited = APIRouter(tags=[Role.VIEWER.value, AUDITED], dependencies=[Depends(audit_read)])
+_admin = APIRouter(tags=[Role.ADMIN.value, AUDITED], dependencies=[Depends(audit_admin)])
 
 
 @_public.get("/", include_in_schema=False)
 def root() -> RedirectResponse:
     return RedirectResponse("/dashboard/")
+
+
+@_public.get("/favicon.ico", include_in_schema=False)
+def favicon() -> Response:
+    """No icon: an empty answer instead of a 404 in every browser's console."""
+    return Response(status_code=204)
 
 
 @_public.get(
@@ -133,12 +180,12 @@ def healthz(context: Context) -> Any:
     return Health(status="ok", database=True)
 
 
-@_private.get("/api/status", response_model=StatusReport, summary="The `dicom-node status` report.")
+@_viewer.get("/api/status", response_model=StatusReport, summary="The `dicom-node status` report.")
 def status(context: Context) -> dict[str, Any]:
     return collect_status(context.settings)
 
 
-@_private.get(
+@_viewer_audited.get(
     "/api/worklist",
     response_model=Worklist,
     summary="Studies by priority (STAT first), then arrival (oldest first).",
@@ -173,7 +220,7 @@ def _utc(moment: datetime | None) -> datetime | None:
         raise HTTPException(422, detail="since is out of range") from None
 
 
-@_private.get(
+@_viewer_audited.get(
     "/api/studies/{study_uid}",
     response_model=StudyDetail,
     responses={404: {"model": Problem}},
@@ -188,7 +235,7 @@ def get_study(
     return detail
 
 
-@_private.get(
+@_viewer_audited.get(
     "/api/results/{result_id}/heatmap.png",
     response_class=Response,
     responses={200: {"content": {PNG: {}}}, 404: {"model": Problem}},
@@ -207,14 +254,14 @@ def get_heatmap(
     if not path.is_file():
         raise HTTPException(404, detail="heatmap no longer in the spool")
     png = heatmap.render_png(path, size)
-    return Response(png, media_type=PNG, headers={"Cache-Control": "private, max-age=300"})
+    return Response(png, media_type=PNG)
 
 
-@_private.post(
+@_admin.post(
     "/api/jobs/{job_id}/retry",
     response_model=RetriedJob,
     responses={404: {"model": Problem}, 409: {"model": Problem}},
-    summary="Re-queue a failed or skipped job (audited with actor `api`).",
+    summary="Re-queue a failed or skipped job (admin; audited).",
 )
 def retry_job(session: Db, job_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> RetriedJob:
     job = session.get(Job, job_id, with_for_update=True)
@@ -229,7 +276,7 @@ def retry_job(session: Db, job_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> Ret
     return RetriedJob(id=job.id, state=job.state.value, previous_state=previous.value)
 
 
-@_private.get(
+@_viewer.get(
     "/metrics",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},

@@ -14,10 +14,11 @@ import threading
 import time
 
 import uvicorn
+from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.api.app import create_app
-from dicom_node.api.auth import ApiToken, resolve_token
+from dicom_node.api.auth import ApiToken, resolve_tokens
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from storage.spool import Spool
@@ -38,7 +39,8 @@ class HttpService:
         self.settings = settings
         self.sessions = sessions
         self.spool = spool
-        self.token: ApiToken | None = None
+        self.tokens: tuple[ApiToken, ...] = ()
+        self.app: FastAPI | None = None
         self._socket: socket.socket | None = None
         self._bound_port: int | None = None
         self._server: uvicorn.Server | None = None
@@ -50,8 +52,8 @@ class HttpService:
         return self._bound_port or self.settings.http.port
 
     def start(self) -> None:
-        self.token = resolve_token(self.settings)
-        app = create_app(self.settings, self.sessions, self.spool, self.token)
+        self.tokens = resolve_tokens(self.settings)
+        self.app = app = create_app(self.settings, self.sessions, self.spool, self.tokens)
         http = self.settings.http
         family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
         self._socket = socket.create_server((http.host, http.port), family=family)
