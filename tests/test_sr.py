@@ -1,4 +1,4 @@
-"""The TID 1500 measurement report: conformance (dciodvfy), content tree, identity."""
+"""The TID 1500 measurement report: conformance (dciodvfy, PixelMed), content tree, identity."""
 
 from __future__ import annotations
 
@@ -17,19 +17,19 @@ from pydicom.uid import UID, Comprehensive3DSRStorage
 from dicom_node.results.common import PRIVATE_SCHEME, Equipment, source_header
 from dicom_node.results.sr import (
     ABSENT,
-    CASCADE_STAGE,
-    CHEST_RADIOGRAPH,
     IN_DOMAIN,
     PRESENT,
     PRIORITY,
     PROBABILITY,
+    PROCEDURE_REPORTED,
     QUALITATIVE_EVALUATIONS,
     SR_SERIES_DESCRIPTION,
     measurement_report,
 )
-from dicom_node.results.uids import derived_uid
+from dicom_node.results.uids import algorithm_uid, derived_uid
 from inference.cascade import NOT_SCORED, ImageResult
 from tests.dciodvfy import assert_conformant
+from tests.pixelmed import assert_valid_sr
 from tests.results_data import (
     CHEST_SOURCES,
     OUTCOMES,
@@ -61,10 +61,25 @@ def _group(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementsAndQualitativeEvalu
     return groups[0]
 
 
-def _code(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: object) -> object:
-    evaluations = group.get_qualitative_evaluations(name=name)  # type: ignore[arg-type]
-    assert len(evaluations) == 1
-    return evaluations[0].value
+def _evaluations(sr: hd.sr.Comprehensive3DSR) -> dict[str, object]:
+    """The document's Qualitative Evaluations (TID 1500 row 12) by concept name meaning."""
+    (container,) = find_content_items(sr.content[0], name=QUALITATIVE_EVALUATIONS)
+    return {item.name.meaning: item.value for item in container.ContentSequence}
+
+
+def _two_models_result(source: Dataset) -> ImageResult:
+    """Pneumonia confirmed by the confirm model, effusion ruled out by the screen model."""
+    effusion = make_finding(False, "screen", probability=0.2)
+    effusion = type(effusion)(
+        label=type(PNEUMONIA)("effusion", "60046008", "SCT", "Pleural effusion"),
+        probability=0.2,
+        present=False,
+        stage="screen",
+        threshold=0.3,
+        model_name=effusion.model_name,
+        model_version=effusion.model_version,
+    )
+    return make_result(source, [make_finding(True, "confirm"), effusion])
 
 
 # -- conformance ---------------------------------------------------------------------------
@@ -82,6 +97,22 @@ def test_dciodvfy_with_priority_warnings_and_no_gate(tmp_path: Path) -> None:
     source = read_source("nih-00000001_000-dx-sc.dcm")
     result = make_result(source, in_domain=None, ood_distance=None, warnings=["inverted"])
     assert_conformant(measurement_report(source, result, priority="stat"), tmp_path, SR_IOD)
+
+
+def test_pixelmed_finds_no_error_and_no_warning_in_a_full_report(tmp_path: Path) -> None:
+    """Image library, a call, the gate, the priority and a warning: every row we write."""
+    source = read_source(RG1_UNCR)
+    source.ImagerPixelSpacing = [0.1, 0.1]
+    result = make_result(source, warnings=["pixel polarity contradicts PI; image was inverted"])
+    report = assert_valid_sr(measurement_report(source, result, priority="urgent"), tmp_path)
+    assert report.iod == SR_IOD
+
+
+def test_pixelmed_with_two_models_an_absent_call_and_no_gate(tmp_path: Path) -> None:
+    source = read_source("nih-00000001_000-dx-sc.dcm")
+    result = _two_models_result(source)
+    result.in_domain, result.ood_distance = None, None
+    assert_valid_sr(measurement_report(source, result), tmp_path)
 
 
 def test_image_library_for_a_describable_projection_radiograph(tmp_path: Path) -> None:
@@ -169,7 +200,7 @@ def test_finding_group_content(present: bool, stage: str, tmp_path: Path) -> Non
 
     assert sr.content[0].ContentSequence  # the root container
     procedure = find_content_items(sr.content[0], name=codes.DCM.ProcedureReported)
-    assert procedure[0].value == CHEST_RADIOGRAPH
+    assert procedure[0].value == PROCEDURE_REPORTED
 
     group = _group(sr)
     assert group.finding_type == FINDING
@@ -177,9 +208,10 @@ def test_finding_group_content(present: bool, stage: str, tmp_path: Path) -> Non
     (probability,) = group.get_measurements(name=PROBABILITY)
     assert probability.value == pytest.approx(0.6543)
     assert probability.unit == hd.sr.CodedConcept("1", "UCUM", "no units")
-    assert _code(group, FINDING) == (PRESENT if present else ABSENT)
-    assert _code(group, CASCADE_STAGE).value == stage.upper()  # type: ignore[attr-defined]
-    assert _code(group, IN_DOMAIN) == codes.SCT.Yes
+    assert group.get_qualitative_evaluations() == []  # the calls are at document level
+    evaluations = _evaluations(sr)
+    assert evaluations[FINDING.meaning] == (PRESENT if present else ABSENT)
+    assert evaluations[IN_DOMAIN.meaning] == codes.SCT.Yes
 
     algorithm = {
         item.name.meaning: item.value
@@ -187,6 +219,10 @@ def test_finding_group_content(present: bool, stage: str, tmp_path: Path) -> Non
     }
     assert algorithm["Algorithm Name"] == finding.model_name
     assert algorithm["Algorithm Version"] == finding.model_version
+    parameters = [
+        item.value for item in find_content_items(group[0], name=codes.DCM.AlgorithmParameters)
+    ]
+    assert parameters == ["threshold=0.42", f"stage={stage}"]
 
     (image,) = group.source_images
     assert image.referenced_sop_instance_uid == source.SOPInstanceUID
@@ -195,40 +231,87 @@ def test_finding_group_content(present: bool, stage: str, tmp_path: Path) -> Non
 
 def test_one_group_per_finding(tmp_path: Path) -> None:
     source = read_source(RG1_UNCR)
-    effusion = make_finding()
-    effusion = type(effusion)(
-        label=type(PNEUMONIA)("effusion", "60046008", "SCT", "Pleural effusion"),
-        probability=0.2,
-        present=False,
-        stage="confirm",
-        threshold=0.5,
-        model_name=effusion.model_name,
-        model_version=effusion.model_version,
-    )
-    result = make_result(source, [make_finding(), effusion])
-    sr = _round_trip(measurement_report(source, result), tmp_path)
+    sr = _round_trip(measurement_report(source, _two_models_result(source)), tmp_path)
     groups = _report(sr).get_image_measurement_groups()
     assert [g.finding_type for g in groups] == [
         FINDING,
         hd.sr.CodedConcept("60046008", "SCT", "Pleural effusion"),
     ]
     assert len({g.tracking_uid for g in groups}) == 2
+    evaluations = _evaluations(sr)
+    assert evaluations[FINDING.meaning] == PRESENT
+    assert evaluations["Pleural effusion"] == ABSENT
 
 
 def test_priority_and_warnings_at_study_level(tmp_path: Path) -> None:
     source = read_source(RG1_UNCR)
     result = make_result(source, warnings=["pixel polarity contradicts PI; image was inverted"])
     sr = _round_trip(measurement_report(source, result, priority="Urgent"), tmp_path)
-    (container,) = find_content_items(sr.content[0], name=QUALITATIVE_EVALUATIONS)
-    values = {item.name.meaning: item.value for item in container.ContentSequence}
+    values = _evaluations(sr)
     assert values[PRIORITY.meaning] == hd.sr.CodedConcept("103391001", "SCT", "Urgent")
     assert values["Comment"] == result.warnings[0]
 
 
-def test_no_study_level_container_without_priority_or_warnings() -> None:
+def test_without_priority_warnings_or_gate_only_the_calls_are_evaluated() -> None:
     source = read_source(RG1_UNCR)
-    sr = measurement_report(source, make_result(source))
-    assert find_content_items(sr.content[0], name=QUALITATIVE_EVALUATIONS) == []
+    sr = measurement_report(source, make_result(source, in_domain=None))
+    (container,) = find_content_items(sr.content[0], name=QUALITATIVE_EVALUATIONS)
+    assert [item.name for item in container.ContentSequence] == [FINDING]
+
+
+# -- contributing equipment (IHE AI Results) --------------------------------------------------
+
+
+def _algorithm_items(ds: Dataset) -> list[Dataset]:
+    return [
+        item
+        for item in ds.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        and item.Manufacturer != "Highdicom open-source contributors"
+    ]
+
+
+def test_every_model_is_contributing_equipment_as_tid_4019_names_it(tmp_path: Path) -> None:
+    source = read_source(RG1_UNCR)
+    result = _two_models_result(source)
+    equipment = Equipment(manufacturer="ACME")
+    sr = _round_trip(measurement_report(source, result, equipment=equipment), tmp_path)
+    items = _algorithm_items(sr)
+    names = [(f.model_name, f.model_version) for f in result.findings]
+    assert [(i.ManufacturerModelName, i.SoftwareVersions) for i in items] == names
+    for item, (name, version) in zip(items, names, strict=True):
+        assert item.Manufacturer == "ACME"
+        assert item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Equipment"
+        assert item.DeviceUID == algorithm_uid(name, version)
+        assert item.DeviceUID.startswith("2.25.")
+    tid_4019 = [
+        tuple(
+            item.value
+            for item in find_content_items(group[0], relationship_type="HAS CONCEPT MOD")
+            if item.name in (codes.DCM.AlgorithmName, codes.DCM.AlgorithmVersion)
+        )
+        for group in _report(sr).get_image_measurement_groups()
+    ]
+    assert tid_4019 == names
+
+
+def test_one_item_for_findings_of_the_same_model() -> None:
+    source = read_source(RG1_UNCR)
+    second = make_finding(False, "confirm")
+    second = type(second)(
+        type(PNEUMONIA)("effusion", "60046008", "SCT", "Pleural effusion"),
+        *[getattr(second, f) for f in ("probability", "present", "stage", "threshold")],
+        second.model_name,
+        second.model_version,
+    )
+    sr = measurement_report(source, make_result(source, [make_finding(), second]))
+    assert len(_algorithm_items(sr)) == 1
+
+
+def test_algorithm_device_uid_is_the_model_identity() -> None:
+    assert algorithm_uid("m", "1") == algorithm_uid("m", "1")
+    assert algorithm_uid("m", "1") != algorithm_uid("m", "2")
+    assert algorithm_uid("m", "1", "ab" * 32) != algorithm_uid("m", "1")
 
 
 def test_unknown_priority_is_refused() -> None:

@@ -3,20 +3,28 @@ copy of the source's patient and study header (see the package docstring)."""
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import TYPE_CHECKING
 
+from highdicom import ContributingEquipment
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
 
 from dicom_node.logs import get_logger
-from dicom_node.results.uids import derived_uid
+from dicom_node.results.uids import algorithm_uid, derived_uid
+
+if TYPE_CHECKING:
+    from inference.cascade import Finding
 
 log = get_logger(__name__)
 
@@ -96,6 +104,71 @@ class Equipment:
             self.device_serial_number or "",
             self.station_name or "",
         )
+
+
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
+"""Purpose of Reference of the algorithm's Contributing Equipment item: (109102, DCM,
+"Processing Equipment"), CID 7005 — equipment that processed the data to create the
+object, which is what IHE AI Results asks the AI model to be recorded as. Not (109103,
+DCM, "Modifying Equipment"), which is for equipment that changed an existing instance,
+nor (109101, DCM, "Acquisition Equipment"), which the source's modality is."""
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One model that contributed to an output, as TID 4019 names it in the SR.
+
+    ``weights_sha256`` makes retrained weights under an unchanged version another device;
+    it is part of the Device UID only when known.
+    """
+
+    name: str
+    version: str
+    weights_sha256: str | None = None
+
+    @classmethod
+    def of(cls, finding: Finding) -> Algorithm:
+        return cls(finding.model_name, finding.model_version)
+
+    @property
+    def device_uid(self) -> UID:
+        return algorithm_uid(self.name, self.version, self.weights_sha256)
+
+
+def algorithms(findings: Iterable[Finding]) -> list[Algorithm]:
+    """The distinct models behind ``findings``, in the order they first appear."""
+    return list(dict.fromkeys(Algorithm.of(finding) for finding in findings))
+
+
+def algorithm_equipment(
+    used: Iterable[Algorithm],
+    equipment: Equipment,
+    moment: datetime.datetime,
+    contribution: str,
+) -> list[ContributingEquipment]:
+    """One Contributing Equipment item (SOP Common, PS3.3 C.12.1) per algorithm.
+
+    Manufacturer's Model Name and Software Versions are the TID 4019 Algorithm Name and
+    Version of the SR, Device UID the algorithm's derived UID (:func:`algorithm_uid`), so
+    that a consumer can tie any of the node's objects to the model that produced it
+    without reading the SR. The Contribution DateTime is the job's moment (re-runs are
+    byte-identical, see :func:`dicom_node.outputs.pin_timestamps`).
+    """
+    items = []
+    for algorithm in used:
+        item = ContributingEquipment(
+            manufacturer=equipment.manufacturer,
+            purpose_of_reference=PROCESSING_EQUIPMENT,
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.version,
+            contribution_datetime=moment,
+            contribution_description=f"{contribution} ({algorithm.name} {algorithm.version})"[
+                :1024
+            ],
+        )
+        item.DeviceUID = algorithm.device_uid
+        items.append(item)
+    return items
 
 
 def private_coding_scheme() -> CodingSchemeIdentificationItem:

@@ -4,7 +4,7 @@ Structure (PS3.16 TID 1500 Measurement Report, built with highdicom's templates)
 
     CONTAINER (126000, DCM, "Imaging Measurement Report")
       Language (TID 1204), Observation Context (TID 1001: the node as Device observer)
-      Procedure reported: (399208008, SCT, "Plain chest X-ray")
+      Procedure reported: (363679005, SCT, "Imaging procedure")
       Image Library (TID 1600)                 only when the source can be described
       CONTAINER (126010, DCM, "Imaging Measurements")
         one Measurement Group (TID 1501) per finding:
@@ -13,18 +13,39 @@ Structure (PS3.16 TID 1500 Measurement Report, built with highdicom's templates)
           Algorithm Identification (TID 4019): bundle name, version, threshold, stage
           NUM (122157, DCM, "Probability") = calibrated probability, UCUM "1"
           NUM (OODDIST, 99CXRAI) = input-gate distance              when measured
-          CODE <the finding> = (52101004, SCT, "Present") | (272519000, SCT, "Absent")
-          CODE (CASCADESTAGE, 99CXRAI) = SCREEN | CONFIRM
-          CODE (INDOMAIN, 99CXRAI) = (373066001, SCT, "Yes") | (373067005, SCT, "No")
           IMAGE Source (the radiograph)
-      CONTAINER (C0034375, UMLS, "Qualitative Evaluations")     when there is one:
-        CODE (260870009, SCT, "Priority") = Routine | Urgent | Stat
+      CONTAINER (C0034375, UMLS, "Qualitative Evaluations"):
+        CODE <each finding> = (52101004, SCT, "Present") | (272519000, SCT, "Absent")
+        CODE (INDOMAIN, 99CXRAI) = (373066001, SCT, "Yes") | (373067005, SCT, "No")
+                                                                    when the gate decided
+        CODE (260870009, SCT, "Priority") = Routine | Urgent | Stat  when known
         TEXT (121106, DCM, "Comment") = each engine warning
+
+Where each item sits is what PixelMed's ``DicomSRValidator`` (``-checktemplateid
+-checkcontentitemorder``) accepts without an error or a warning (``tests/pixelmed.py``):
+
+* Procedure reported is from CID 100 "Quantitative Diagnostic Imaging Procedures", which
+  has no chest radiograph procedure; its one code for a projection radiograph, LOINC
+  43468-8 "XR unspecified body region", was added after the CID 100 PixelMed checks
+  against, so the generic (363679005, SCT, "Imaging procedure") that both versions list
+  is used. What was imaged is in the referenced source and its header.
+* The calls (Present/Absent per finding) and the in-domain decision are qualitative
+  evaluations of TID 1500 row 13, in the document's Qualitative Evaluations container.
+  The TID 1501 rows for qualitative evaluations inside a measurement group are missing
+  from the templates of PixelMed's release, which flags every CODE there as "not in
+  template"; the concept name of each call is the finding's code, the same as the
+  Finding of its measurement group, so the two are paired without ambiguity.
+* The cascade stage is an Algorithm Parameter of TID 4019 (``stage=screen|confirm``)
+  beside the threshold it applied; a second, private coded item said the same thing.
 
 Present/Absent use DICOM's own value set, CID 241 "Present-Absent Only", whose Absent is
 SCT 272519000 (not the generic SNOMED qualifier 2667000): DICOM-aware consumers match on
-the context group's codes. Private ``99CXRAI`` codes are used only for the cascade stage,
-the in-domain decision and the gate distance, which have no standard concept.
+the context group's codes. Private ``99CXRAI`` codes are used only for the in-domain
+decision and the gate distance, which have no standard concept.
+
+Every model that made a call is also recorded in the SOP Common module's Contributing
+Equipment Sequence (Processing Equipment, Model Name and Software Versions = TID 4019
+Algorithm Name and Version, Device UID derived from them), as IHE AI Results asks.
 
 The document is COMPLETE (nothing is left to add), PRELIMINARY and UNVERIFIED: an
 algorithm's output has not been read and signed by a physician.
@@ -48,7 +69,6 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
-    QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
@@ -62,6 +82,8 @@ from pydicom.uid import Comprehensive3DSRStorage
 from dicom_node.results.common import (
     PRIVATE_SCHEME,
     Equipment,
+    algorithm_equipment,
+    algorithms,
     instance_number,
     private_coding_scheme,
     source_header,
@@ -74,6 +96,9 @@ from inference.cascade import SCORED, Finding, ImageResult
 SR_SERIES_NUMBER = 9901
 SR_SERIES_DESCRIPTION = "AI CXR findings"
 
+PROCEDURE_REPORTED = CodedConcept("363679005", "SCT", "Imaging procedure")  # CID 100
+# The procedure as the HL7 result names it (OBR-4 of dicom_node.results.oru); not in
+# CID 100, so not the SR's Procedure reported (see the module docstring).
 CHEST_RADIOGRAPH = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
@@ -92,12 +117,13 @@ PRIORITY_VALUES = {
     "stat": CodedConcept("49499008", "SCT", "Stat"),
 }
 
-# Private codes (99CXRAI): no standard concept names these properties of the cascade.
-CASCADE_STAGE = CodedConcept("CASCADESTAGE", PRIVATE_SCHEME, "Cascade stage")
+# The cascade stages, as the HL7 result codes them (OBX-17 of dicom_node.results.oru);
+# the SR names the stage as a TID 4019 Algorithm Parameter.
 STAGE_VALUES = {
     "screen": CodedConcept("SCREEN", PRIVATE_SCHEME, "Screening model"),
     "confirm": CodedConcept("CONFIRM", PRIVATE_SCHEME, "Confirmation model"),
 }
+# Private codes (99CXRAI): no standard concept names these properties of the cascade.
 IN_DOMAIN = CodedConcept("INDOMAIN", PRIVATE_SCHEME, "Image within model input domain")
 OOD_DISTANCE = CodedConcept(
     "OODDIST", PRIVATE_SCHEME, "Distance to training data (1 = refusal limit)"
@@ -137,11 +163,11 @@ def measurement_report(
     )
     report = MeasurementReport(
         observation_context=_observation_context(equipment),
-        procedure_reported=CHEST_RADIOGRAPH,
+        procedure_reported=PROCEDURE_REPORTED,
         imaging_measurements=[_finding_group(header, result, f) for f in result.findings],
         referenced_images=[header] if _describable(header) else None,
     )
-    _add_qualitative_evaluations(report, _study_evaluations(result, priority))
+    _add_qualitative_evaluations(report, _evaluations(result, priority))
     moment = content_datetime or datetime.datetime.now()
     sr = Comprehensive3DSR(
         evidence=[without_person_names(header)],
@@ -163,6 +189,9 @@ def measurement_report(
         content_date=moment.date(),
         content_time=moment.time(),
         coding_schemes=[private_coding_scheme()],
+        contributing_equipment=algorithm_equipment(
+            algorithms(result.findings), equipment, moment, "AI findings"
+        ),
     )
     sr.copy_patient_and_study_information(header)
     if equipment.station_name:
@@ -214,6 +243,8 @@ def _describable(header: Dataset) -> bool:
 
 def _algorithm(finding: Finding) -> AlgorithmIdentification:
     """TID 4019: the bundle that made the call, with what decided present/absent."""
+    if finding.stage not in STAGE_VALUES:
+        raise ValueError(f"unknown cascade stage {finding.stage!r}")
     return AlgorithmIdentification(
         name=finding.model_name,
         version=finding.model_version,
@@ -235,7 +266,6 @@ def _finding_group(
         finding_type=concept,
         algorithm_id=_algorithm(finding),
         measurements=_measurements(header, result, finding),
-        qualitative_evaluations=_evaluations(concept, result, finding),
         source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
     )
 
@@ -264,39 +294,20 @@ def _measurements(header: Dataset, result: ImageResult, finding: Finding) -> lis
 
 
 def _evaluations(
-    concept: CodedConcept, result: ImageResult, finding: Finding
-) -> list[QualitativeEvaluation]:
-    """Present/Absent at the threshold, the cascade stage, and the in-domain decision."""
-    evaluations = [
-        QualitativeEvaluation(concept, PRESENT if finding.present else ABSENT),
-        QualitativeEvaluation(CASCADE_STAGE, _stage(finding.stage)),
-    ]
-    if result.in_domain is not None:
-        evaluations.append(QualitativeEvaluation(IN_DOMAIN, YES if result.in_domain else NO))
-    return evaluations
-
-
-def _stage(stage: str) -> CodedConcept:
-    if stage not in STAGE_VALUES:
-        raise ValueError(f"unknown cascade stage {stage!r}")
-    return STAGE_VALUES[stage]
-
-
-def _study_evaluations(
     result: ImageResult, priority: str | None
 ) -> list[CodeContentItem | TextContentItem]:
-    """TID 1500 rows 13-14: the study-level priority and the engine's warnings."""
-    items: list[CodeContentItem | TextContentItem] = []
+    """TID 1500 rows 13-14: each call, the in-domain decision, the study-level priority
+    and the engine's warnings."""
+    items: list[CodeContentItem | TextContentItem] = [
+        _coded(CodedConcept(f.label.code, f.label.scheme, f.label.meaning), _call(f))
+        for f in result.findings
+    ]
+    if result.in_domain is not None:
+        items.append(_coded(IN_DOMAIN, YES if result.in_domain else NO))
     if priority is not None:
         if priority.lower() not in PRIORITY_VALUES:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_VALUES)}, not {priority!r}")
-        items.append(
-            CodeContentItem(
-                name=PRIORITY,
-                value=PRIORITY_VALUES[priority.lower()],
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            )
-        )
+        items.append(_coded(PRIORITY, PRIORITY_VALUES[priority.lower()]))
     items.extend(
         TextContentItem(name=COMMENT, value=w, relationship_type=RelationshipTypeValues.CONTAINS)
         for w in result.warnings
@@ -304,12 +315,20 @@ def _study_evaluations(
     return items
 
 
+def _call(finding: Finding) -> CodedConcept:
+    return PRESENT if finding.present else ABSENT
+
+
+def _coded(name: CodedConcept, value: CodedConcept) -> CodeContentItem:
+    return CodeContentItem(
+        name=name, value=value, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+
+
 def _add_qualitative_evaluations(
     report: MeasurementReport, items: Sequence[CodeContentItem | TextContentItem]
 ) -> None:
     """Append the TID 1500 row 12 container, which highdicom's template does not build."""
-    if not items:
-        return
     container = ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )

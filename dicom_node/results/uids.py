@@ -3,7 +3,7 @@
 A job that crashes after sending its SR and is then re-run must not leave two different
 SRs for one image in the archive. So every output UID is a pure function of what
 determines the output's content: the source instance (or series), the kind of output
-("sr", "sc"), the identity of the models that produced it (name, version, the label
+("sr", "sc", "pm"), the identity of the models that produced it (name, version, the label
 they scored and the threshold in force) and, for the SR, the study priority it reports.
 Same inputs → same UIDs, and a PACS receiving the re-sent object sees an instance it
 already holds. A new model version, threshold or priority changes the content, and
@@ -32,7 +32,7 @@ from pydicom.uid import UID
 if TYPE_CHECKING:
     from inference.cascade import Finding
 
-OutputKind = Literal["sr", "sc"]
+OutputKind = Literal["sr", "sc", "pm"]
 
 # The namespace of every UID this node derives; changing it changes every output UID.
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-ai-node:dicom-results:v1")
@@ -96,6 +96,17 @@ def result_uids(
     series = derived_uid("series", str(source.SeriesInstanceUID), kind, *models)
     instance = derived_uid("instance", str(source.SOPInstanceUID), kind, *models, *extra)
     return OutputUIDs(series, instance)
+
+
+def algorithm_uid(name: str, version: str, weights_sha256: str | None = None) -> UID:
+    """Device UID of an algorithm (Contributing Equipment, PS3.3 C.12.1): its identity.
+
+    The same model name and version — and, where known, the same weights — always give the
+    same UID, on every node, so an archive can group every object one model produced; a
+    new version (or retrained weights under an old version) is another device.
+    """
+    parts = ("algorithm", name, version)
+    return derived_uid(*parts, weights_sha256) if weights_sha256 else derived_uid(*parts)
 
 
 def tracking_uid(source: Dataset, kind: OutputKind, finding: Finding) -> UID:
