@@ -14,6 +14,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from dicom_node.results.heatmap_sc import SC_SERIES_DESCRIPTION, heatmap_secondary_capture
 from dicom_node.results.sr import measurement_report
+from dicom_node.results.uids import algorithm_uid
 from tests.dciodvfy import assert_conformant
 from tests.results_data import (
     CHEST_SOURCES,
@@ -58,10 +59,20 @@ def test_body_part_is_chest_and_laterality_absent(body_part: str | None, tmp_pat
     assert_conformant(sc, tmp_path, SC_IOD)
 
 
-def test_modality_ot_on_request(tmp_path: Path) -> None:
-    source = read_source("siim-cr-jpegbaseline.dcm")
-    sc = heatmap_secondary_capture(source, make_result(source), modality="OT")
+@pytest.mark.parametrize("name", CHEST_SOURCES)
+def test_modality_is_ot_whatever_the_source(name: str, tmp_path: Path) -> None:
+    """A PACS rule that forwards CR and DX to the node must not send the heatmap back."""
+    source = read_source(name)
+    assert source.Modality in ("CR", "DX")
+    sc = heatmap_secondary_capture(source, make_result(source))
     assert sc.Modality == "OT"
+    assert "AI" in sc.SeriesDescription and "heatmap" in sc.SeriesDescription
+
+
+def test_modality_override(tmp_path: Path) -> None:
+    source = read_source("siim-cr-jpegbaseline.dcm")
+    sc = heatmap_secondary_capture(source, make_result(source), modality="CR")
+    assert sc.Modality == "CR"
     assert_conformant(sc, tmp_path, SC_IOD)
 
 
@@ -90,7 +101,7 @@ def test_header_marks_a_derived_annotated_capture(name: str, tmp_path: Path) -> 
     assert list(sc.ImageType) == ["DERIVED", "SECONDARY"]
     assert sc.BurnedInAnnotation == "YES"
     assert sc.ConversionType == "WSD"
-    assert sc.Modality == source.Modality
+    assert sc.Modality == "OT"
     assert sc.BodyPartExamined == "CHEST"
     assert "Laterality" not in sc
     assert f"{finding.model_name} {finding.model_version}" in sc.DerivationDescription
@@ -140,8 +151,29 @@ def test_acquisition_equipment_is_recorded_when_known() -> None:
     rg1 = read_source(RG1_UNCR)
     sc = heatmap_secondary_capture(rg1, make_result(rg1))
     assert rg1.Manufacturer in [e.Manufacturer for e in sc.ContributingEquipmentSequence]
-    nih = read_source("nih-00000001_000-dx-sc.dcm")  # no Manufacturer: only highdicom
-    assert len(heatmap_secondary_capture(nih, make_result(nih)).ContributingEquipmentSequence) == 1
+    nih = read_source("nih-00000001_000-dx-sc.dcm")  # no Manufacturer: algorithm, highdicom
+    sequence = heatmap_secondary_capture(nih, make_result(nih)).ContributingEquipmentSequence
+    assert [e.PurposeOfReferenceCodeSequence[0].CodeValue for e in sequence] == [
+        "109102",
+        "109102",
+    ]
+
+
+def test_the_model_behind_the_heatmap_is_contributing_equipment(tmp_path: Path) -> None:
+    """Processing Equipment named as the SR's TID 4019 names it, with the same Device UID."""
+    source = read_source(RG1_UNCR)
+    finding = make_finding(True, "screen")
+    result = make_result(source, [finding])
+    sc = _round_trip(heatmap_secondary_capture(source, result), tmp_path)
+    (item,) = [e for e in sc.ContributingEquipmentSequence if e.get("DeviceUID") is not None]
+    assert item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Equipment"
+    assert (item.ManufacturerModelName, item.SoftwareVersions) == (
+        finding.model_name,
+        finding.model_version,
+    )
+    assert item.DeviceUID == algorithm_uid(finding.model_name, finding.model_version)
+    sr = measurement_report(source, result)
+    assert item.DeviceUID in [e.get("DeviceUID") for e in sr.ContributingEquipmentSequence]
 
 
 def test_missing_type2_attributes_are_sent_empty() -> None:

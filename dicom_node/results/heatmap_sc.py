@@ -7,12 +7,16 @@ DERIVED\\SECONDARY, made on a workstation (Conversion Type WSD), references its 
 radiograph in the Source Image Sequence and says in Derivation Description which model
 produced the heatmap.
 
-Modality is the source's (e.g. CR or DX), ``OT`` only when the source has none. PS3.3
-C.7.3.1.1.1 defines Modality as the type of equipment that *originally acquired the data
-used to create* the instances of the series, and the SC Equipment module's Modality is
-the source equipment's. It also keeps the heatmap in the worklist filters and hanging
-protocols that radiologists set up per modality; its own series, series description,
-ImageType DERIVED\\SECONDARY and the burned-in marking keep it apart from the acquisition.
+Modality is ``OT`` (other), not the source's CR or DX. PS3.3 C.7.3.1.1.1 lets Modality
+name the equipment that originally acquired the data, and an earlier version copied it,
+but PACS route by Modality: the rule that forwards every CR and DX image to this node
+would forward the heatmap too, and the node would be sent its own output back — at best
+refused by the input gate after a round trip, at worst a loop. Hanging protocols and
+worklist filters set up per modality would likewise show the heatmap as if it were an
+acquisition. ``OT`` keeps it out of both; the series (Series Description "AI CXR
+heatmap"), ImageType DERIVED\\SECONDARY, the burned-in marking, the Source Image Sequence
+and the algorithm's Contributing Equipment item (Processing Equipment, model name and
+version as in the SR's TID 4019, IHE AI Results) say what it is and where it came from.
 Body Part Examined is CHEST and Laterality absent, as the General Series module's 2C
 condition wants for an unpaired region (see :func:`_copy_series_and_image`).
 
@@ -34,13 +38,20 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import SecondaryCaptureImageStorage
 from pydicom.valuerep import DA, TM
 
-from dicom_node.results.common import Equipment, instance_number, source_header
+from dicom_node.results.common import (
+    Algorithm,
+    Equipment,
+    algorithm_equipment,
+    instance_number,
+    source_header,
+)
 from dicom_node.results.registry import BuildInputs, OutputType, register
 from dicom_node.results.uids import model_identities, result_uids
 from inference.cascade import Finding, ImageResult
 
 SC_SERIES_NUMBER = 9902
 SC_SERIES_DESCRIPTION = "AI CXR heatmap"
+SC_MODALITY = "OT"  # not the source's: see the module docstring
 CHEST = "CHEST"  # Body Part Examined defined term (PS3.16 Annex L)
 IMAGE_COMMENTS = "AI-generated heatmap (Grad-CAM); not for diagnosis"
 SOURCE_FOR_PROCESSING = CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
@@ -60,7 +71,7 @@ def heatmap_secondary_capture(
     result: ImageResult,
     *,
     equipment: Equipment | None = None,
-    modality: str | None = None,
+    modality: str = SC_MODALITY,
     series_number: int = SC_SERIES_NUMBER,
     series_description: str = SC_SERIES_DESCRIPTION,
     content_datetime: datetime.datetime | None = None,
@@ -70,8 +81,9 @@ def heatmap_secondary_capture(
 
     Patient and study attributes are copied from the source (Type 2 ones empty when
     unknown); series and instance UIDs are derived from the source and the models
-    (:mod:`dicom_node.results.uids`). ``modality`` overrides the copied Modality for a PACS
-    that wants ``OT``; ``source_variant`` as for the SR (:mod:`dicom_node.results.uids`).
+    (:mod:`dicom_node.results.uids`). ``modality`` overrides ``OT`` for a PACS that files
+    secondary captures otherwise; ``source_variant`` as for the SR
+    (:mod:`dicom_node.results.uids`).
     Raises ``ValueError`` when the result has no overlay, no finding to attribute it to,
     or belongs to another image.
     """
@@ -101,7 +113,12 @@ def heatmap_secondary_capture(
         content_date=moment.date(),
         content_time=moment.time(),
         specific_character_set=header.get("SpecificCharacterSet"),
-        contributing_equipment=_acquisition_equipment(header),
+        contributing_equipment=[
+            *_acquisition_equipment(header),
+            *algorithm_equipment(
+                [Algorithm.of(result.findings[0])], equipment, moment, "Grad-CAM heatmap"
+            ),
+        ],
     )
     # Names and the other patient/study attributes go in by copy, not through the
     # constructor, whose person-name check would echo them in a warning.
@@ -113,7 +130,8 @@ def heatmap_secondary_capture(
 
 
 def _acquisition_equipment(header: Dataset) -> list[ContributingEquipment]:
-    """The source's modality as Contributing Equipment (SOP Common), as the SR records it.
+    """The source's modality as Contributing Equipment (SOP Common), as the SR records it
+    (highdicom adds it there from the evidence).
 
     Sources without a Manufacturer (Type 2, often empty) cannot be described and are left
     out; highdicom adds itself either way.
@@ -138,8 +156,8 @@ def _check_overlay(source: Dataset, result: ImageResult) -> np.ndarray:
     return overlay
 
 
-def _copy_series_and_image(sc: SCImage, header: Dataset, modality: str | None) -> None:
-    """Modality, body part, orientation and lossy history of the source.
+def _copy_series_and_image(sc: SCImage, header: Dataset, modality: str) -> None:
+    """Modality (``OT``), body part, orientation and lossy history of the source.
 
     Body Part Examined is always ``CHEST`` and Laterality is never written. Results exist
     only for images the input gate accepted as frontal chest radiographs: their body part
@@ -148,7 +166,7 @@ def _copy_series_and_image(sc: SCImage, header: Dataset, modality: str | None) -
     Type 2C) must be absent for an unpaired body part, and is required — with R or L — for
     a paired or unknown one, so an explicit CHEST is what keeps the object conformant.
     """
-    sc.Modality = modality or header.get("Modality") or "OT"
+    sc.Modality = modality
     sc.BodyPartExamined = CHEST
     _copy_orientation(sc, header)
     for keyword in LOSSY_HISTORY:

@@ -120,7 +120,7 @@ def test_orthanc_stores_sr_and_sc_in_the_source_study(
     assert sr_tags["SOPClassUID"] == Comprehensive3DSRStorage
     assert sc_tags["SOPClassUID"] == SecondaryCaptureImageStorage
     assert sr_tags["Modality"] == "SR"
-    assert sc_tags["Modality"] == source.Modality  # see dicom_node.results.heatmap_sc
+    assert sc_tags["Modality"] == "OT"  # see dicom_node.results.heatmap_sc
     assert sr_tags["SeriesInstanceUID"] != source.SeriesInstanceUID
 
     studies = orthanc.find("Study", {"StudyInstanceUID": source.StudyInstanceUID}, expand=True)
