@@ -12,6 +12,7 @@ import typer
 
 from dicom_node import __version__
 from dicom_node.cli.analyze import analyze
+from dicom_node.cli.audit import audit_app
 from dicom_node.cli.config_cmd import config_app
 from dicom_node.cli.db import db_app
 from dicom_node.cli.destinations import destinations_app
@@ -63,3 +64,4 @@ app.add_typer(sends_app, name="sends")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.add_typer(destinations_app, name="destinations")
+app.add_typer(audit_app, name="audit")
