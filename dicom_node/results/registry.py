@@ -27,10 +27,12 @@ if TYPE_CHECKING:
     from dicom_node.results.common import Equipment
     from inference.cascade import ImageResult
 
-Need = Literal["overlay", "mask", "priority"]
+Need = Literal["overlay", "cam", "mask", "priority"]
 """What a builder may need beyond the source and the findings:
 
 * ``overlay`` — the rendered heatmap (none when Grad-CAM is switched off);
+* ``cam`` — the Grad-CAM map itself and the source's grid (``ImageResult.cam`` and
+  ``image_shape``; none when Grad-CAM is switched off);
 * ``mask`` — the anatomy segmentation (``ImageResult.masks``; none when not computed);
 * ``priority`` — the study's priority level *after* this image's result counts, which is
   only known under the study lock: such outputs are built inside the pipeline's
@@ -44,6 +46,7 @@ DEFAULT_OUTPUTS: tuple[str, ...] = ("sr", "sc")
 _BUILTIN: dict[str, str] = {
     "sr": "dicom_node.results.sr",
     "sc": "dicom_node.results.heatmap_sc",
+    "pm": "dicom_node.results.parametric_map",  # off by default: rules ask for it
 }
 
 
@@ -72,6 +75,8 @@ class OutputType:
     def applies_to(self, result: ImageResult) -> bool:
         """Whether ``result`` has what this type needs (no overlay → no heatmap SC)."""
         if "overlay" in self.needs and result.overlay is None:
+            return False
+        if "cam" in self.needs and (result.cam is None or result.image_shape is None):
             return False
         return not ("mask" in self.needs and getattr(result, "masks", None) is None)
 
