@@ -6,6 +6,9 @@ Rules that matter in a hospital:
   patient name, ID or birth date. Fields with such names are replaced by ``[redacted]``
   as a safety net, and third-party loggers that could echo dataset values (pynetdicom's
   identifier dumps, pydicom's value warnings) are silenced at the source;
+* third-party libraries that log routine work at INFO (:data:`CHATTY_LIBRARIES`:
+  highdicom's per-module copy lines, pynetdicom's per-association lines) are kept at
+  WARNING unless the node logs at DEBUG;
 * logs go to stderr (so ``status --json`` keeps stdout for its one JSON document) and,
   by default, to a rotated ``<home>/logs/node.log``.
 """
@@ -169,13 +172,32 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
     )
 
 
+# Third-party loggers that speak at INFO about routine work, and how much of it: kept at
+# WARNING unless the node logs at DEBUG, so that the node's own events stay readable.
+CHATTY_LIBRARIES: dict[str, str] = {
+    # one line per association event (requested, accepted, released) and per C-STORE
+    "pynetdicom": "per-association and per-message lines",
+    # "copy attributes of module …": about twenty lines per SR or SC written, thousands per
+    # hundred images
+    "highdicom": "a line per DICOM module copied into each output",
+}
+
+
+def library_log_level(level: str) -> int:
+    """Level of the :data:`CHATTY_LIBRARIES` loggers when the node logs at ``level``: their
+    INFO lines only when the node's own DEBUG ones are wanted too, WARNING otherwise."""
+    return logging.INFO if level == "DEBUG" else logging.WARNING
+
+
 def _quiet_libraries(level: str) -> None:
-    """pynetdicom/pydicom can print dataset values (names, IDs); keep them at WARNING."""
+    """Keep chatty libraries at WARNING (:func:`library_log_level`); pynetdicom and pydicom
+    can also print dataset values (names, IDs): their identifier dumps are off and pydicom's
+    value warnings are kept out at any level."""
     from pynetdicom import _config as pynetdicom_config
 
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-    library_level = logging.INFO if level == "DEBUG" else logging.WARNING
-    logging.getLogger("pynetdicom").setLevel(library_level)
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(library_log_level(level))
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
