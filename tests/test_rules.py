@@ -582,7 +582,7 @@ class TestOutputs:
             )
         (error,) = info.value.errors()
         assert error["loc"] == ("rules", 1, "outputs")
-        assert "unknown output type 'dicom-seg' (known: sc, sr)" in error["msg"]
+        assert "unknown output type 'dicom-seg' (known: pm, sc, sr)" in error["msg"]
 
 
 # ----------------------------------------------------------------- default rule, real files
