@@ -416,9 +416,12 @@ def test_viewer_token_from_the_environment_wins_and_must_differ_from_the_admin_o
 
 
 def audit_after(api: ApiNode, last_id: int) -> list[AuditEvent]:
+    """API access events after ``last_id`` (the node's sender audits its retries meanwhile)."""
     with session_scope(api.sessions) as session:
         events = session.scalars(
-            select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id)
+            select(AuditEvent)
+            .where(AuditEvent.id > last_id, AuditEvent.kind.startswith("api."))
+            .order_by(AuditEvent.id)
         ).all()
         session.expunge_all()
         return list(events)
@@ -495,3 +498,13 @@ def test_retry_is_audited_with_the_job_and_its_outcome(
             ).all()
             trail = [(e.kind, e.actor, (e.details or {}).get("role")) for e in events]
     assert trail[-2:] == [("api.retry_job", "api:admin", "admin"), ("job.queued", "api", None)]
+
+
+def test_an_admin_request_with_an_out_of_range_id_is_audited_and_refused(api: ApiNode) -> None:
+    start = last_audit_id(api)
+    with api.client(TOKEN) as client:
+        answer = client.post(f"/api/jobs/{2**63}/retry")  # one past the largest id
+    assert answer.status_code == 422, answer.text
+    (event,) = audit_after(api, start)
+    assert event.kind == "api.retry_job" and event.job_id is None
+    assert event.details is not None and event.details["params"] == {"job_id": str(2**63)}

@@ -29,6 +29,7 @@ from storage.db import session_scope
 KIND_PREFIX = "api."
 MAX_PARAMS = 16
 MAX_VALUE = 128
+MAX_ID = 2**63 - 1
 
 
 def audit_read(request: Request, access: ViewerAccess) -> None:
@@ -77,7 +78,10 @@ def _short(value: object) -> str:
 
 
 def _int_or_none(value: object) -> int | None:
+    """An id for the event's ``job_id`` column; None unless a valid one (the route has not
+    validated its parameters yet: 2**63 must not overflow the column)."""
     try:
-        return int(str(value)) if value is not None else None
+        number = int(str(value)) if value is not None else None
     except ValueError:
         return None
+    return number if number is not None and 1 <= number <= MAX_ID else None
