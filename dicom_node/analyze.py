@@ -16,12 +16,16 @@ import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.files import NotDicomError, read_dicom_file
 from inference.cascade import ERROR, Cascade, ImageResult
 
 
 def _read(path: Path) -> pydicom.Dataset | ImageResult:
+    """The file's data set (Part-10 or raw, as dcmtk reads it), or an error result."""
     try:
-        return pydicom.dcmread(path)
+        return read_dicom_file(path)
+    except NotDicomError as exc:
+        return ImageResult(None, ERROR, str(exc))
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         return ImageResult(None, ERROR, f"cannot read DICOM file: {exc}")
 

@@ -13,6 +13,7 @@ and are not safe to share between threads.
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -57,8 +58,11 @@ class CascadeAnalyzer:
 
     def __init__(self, cascade: Cascade) -> None:
         self.cascade = cascade
-        identity = f"{bundle_identity(cascade.screen)}+{bundle_identity(cascade.confirm)}"
-        self.identity = identity[:MODEL_KEY_LENGTH]
+        identity = "+".join(bundle_identity(bundle) for bundle in cascade.bundles())
+        if len(identity) > MODEL_KEY_LENGTH:  # several findings: keep it unique, and short
+            digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+            identity = f"{identity[: MODEL_KEY_LENGTH - 18]}~{digest}"
+        self.identity = identity
 
     def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
         return self.cascade.analyze(datasets)
@@ -73,8 +77,8 @@ def load_analyzer(settings: InferenceSettings) -> CascadeAnalyzer:
     analyzer = CascadeAnalyzer(Cascade.load(**settings.cascade_kwargs()))
     log.info(
         "models loaded",
-        screen=bundle_identity(analyzer.cascade.screen),
-        confirm=bundle_identity(analyzer.cascade.confirm),
+        findings=[finding.name for finding in analyzer.cascade.findings],
+        bundles=[bundle_identity(bundle) for bundle in analyzer.cascade.bundles()],
         screen_threshold_override=settings.screen_threshold,
         confirm_threshold_override=settings.confirm_threshold,
     )

@@ -64,6 +64,7 @@ from dicom_node.dispatch import (
 from dicom_node.dispatch.base import field_error, validate_ae_title
 from dicom_node.rules import Rule, RuleError, RuleSet, check_rules
 from dicom_node.tls import KeyMaterialError, check_key_material, server_context
+from inference.manifest import finding_bundle_path
 
 ENV_PREFIX = "DICOM_NODE_"
 CONFIG_ENV = "DICOM_NODE_CONFIG"
@@ -304,8 +305,18 @@ class InferenceSettings(_Section):
     changes what the node reports as present, so every override is logged at start-up.
     """
 
-    screen_bundle: Path | None = Field(None, description="Screen bundle; default: shipped.")
-    confirm_bundle: Path | None = Field(None, description="Confirm bundle; default: shipped.")
+    findings: list[str] = Field(
+        default_factory=lambda: ["pneumonia"],
+        min_length=1,
+        description="Findings in force, each a shipped screen + confirm bundle pair; the "
+        "first one's screen also carries the image gate.",
+    )
+    screen_bundle: Path | None = Field(
+        None, description="Screen bundle of the first finding; default: shipped."
+    )
+    confirm_bundle: Path | None = Field(
+        None, description="Confirm bundle of the first finding; default: shipped."
+    )
     screen_threshold: float | None = Field(
         None, ge=0, le=1, description="Screen probability that sends an image to confirm."
     )
@@ -319,16 +330,31 @@ class InferenceSettings(_Section):
 
     def cascade_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :meth:`inference.cascade.Cascade.load`."""
-        kwargs: dict[str, Any] = {"heatmaps": self.heatmaps, "device": self.device}
+        kwargs: dict[str, Any] = {
+            "findings": tuple(self.findings),
+            "heatmaps": self.heatmaps,
+            "device": self.device,
+        }
         if self.screen_bundle is not None:
             kwargs["screen_path"] = self.screen_bundle
         if self.confirm_bundle is not None:
             kwargs["confirm_path"] = self.confirm_bundle
         if self.screen_threshold is not None:
-            kwargs["screen_thresholds"] = {"pneumonia": self.screen_threshold}
+            kwargs["screen_thresholds"] = {self.findings[0]: self.screen_threshold}
         if self.confirm_threshold is not None:
-            kwargs["confirm_thresholds"] = {"pneumonia": self.confirm_threshold}
+            kwargs["confirm_thresholds"] = {self.findings[0]: self.confirm_threshold}
         return kwargs
+
+    @field_validator("findings")
+    @classmethod
+    def _known_findings(cls, value: list[str]) -> list[str]:
+        """Each finding must have its shipped bundle pair (checked without torch)."""
+        names = list(dict.fromkeys(name.strip() for name in value))
+        for name in names:
+            for role in ("screen", "confirm"):
+                if not (finding_bundle_path(name, role) / "configs" / "metadata.json").is_file():
+                    raise ValueError(f"no shipped {role} bundle for finding {name!r}")
+        return names
 
 
 class WorkerSettings(_Section):
@@ -386,6 +412,9 @@ class FindingPriority(_Section):
     stat_at: float = Field(
         0.9, ge=0, le=1, description="Probability for STAT (confirmed findings only)."
     )
+    highest: Literal["stat", "urgent", "routine"] = Field(
+        "stat", description="The highest level this finding may give a study."
+    )
 
     @field_validator("stat_at")
     @classmethod
@@ -397,7 +426,12 @@ class FindingPriority(_Section):
 
 
 def _default_findings() -> dict[str, FindingPriority]:
-    return {"pneumonia": FindingPriority()}
+    """Pneumonia escalates to STAT; pulmonary tuberculosis to URGENT at most: it calls for
+    airborne isolation and a read today, not for the next minute."""
+    return {
+        "pneumonia": FindingPriority(),
+        "tuberculosis": FindingPriority(code="154283005", highest="urgent"),
+    }
 
 
 class PrioritySettings(_Section):

@@ -15,10 +15,9 @@ from typing import Any
 
 from dicom_node.config import Settings
 from inference.manifest import (
-    CONFIRM_BUNDLE,
-    SCREEN_BUNDLE,
     WEIGHTS,
     BundleError,
+    finding_bundle_path,
     hashed_size,
     read_metadata,
 )
@@ -26,29 +25,42 @@ from inference.manifest import (
 
 @dataclass(frozen=True)
 class ConfiguredBundle:
-    """One bundle slot of the cascade: its role, where it lies, the threshold override."""
+    """One bundle slot of the cascade: its finding, role, where it lies, the override."""
 
     role: str  # "screen" | "confirm"
     path: Path
     threshold_override: float | None
+    finding: str = "pneumonia"
 
 
 def configured_bundles(settings: Settings) -> list[ConfiguredBundle]:
-    """Screen then confirm, as ``[inference]`` sets them (default: the shipped bundles)."""
+    """Screen then confirm of each finding in force, as ``[inference]`` sets them (default:
+    the shipped bundles; paths and threshold overrides apply to the first finding)."""
     inference = settings.inference
-    return [
-        ConfiguredBundle(
-            "screen", inference.screen_bundle or SCREEN_BUNDLE, inference.screen_threshold
-        ),
-        ConfiguredBundle(
-            "confirm", inference.confirm_bundle or CONFIRM_BUNDLE, inference.confirm_threshold
-        ),
-    ]
+    slots = []
+    for n, finding in enumerate(inference.findings):
+        first = n == 0
+        slots += [
+            ConfiguredBundle(
+                "screen",
+                (first and inference.screen_bundle) or finding_bundle_path(finding, "screen"),
+                inference.screen_threshold if first else None,
+                finding,
+            ),
+            ConfiguredBundle(
+                "confirm",
+                (first and inference.confirm_bundle) or finding_bundle_path(finding, "confirm"),
+                inference.confirm_threshold if first else None,
+                finding,
+            ),
+        ]
+    return slots
 
 
 def describe(bundle: ConfiguredBundle) -> dict[str, Any]:
     """JSON-ready description; ``error`` says why a bundle cannot be read."""
     entry: dict[str, Any] = {
+        "finding": bundle.finding,
         "role": bundle.role,
         "path": str(bundle.path),
         "name": None,
@@ -65,7 +77,7 @@ def describe(bundle: ConfiguredBundle) -> dict[str, Any]:
         return entry
     thresholds = {name: float(value) for name, value in meta.get("thresholds", {}).items()}
     if bundle.threshold_override is not None:  # as InferenceSettings.cascade_kwargs does
-        thresholds = {**thresholds, "pneumonia": bundle.threshold_override}
+        thresholds = {**thresholds, bundle.finding: bundle.threshold_override}
     entry.update(
         {
             "name": meta.get("name"),

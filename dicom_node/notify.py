@@ -58,6 +58,7 @@ from dicom_node.config import Settings
 from dicom_node.dispatch import Destination
 from dicom_node.dispatch.hl7_config import Hl7Destination
 from dicom_node.logs import get_logger
+from dicom_node.priority import is_assessed
 from dicom_node.results.oru import (
     CORRECTED,
     FINAL,
@@ -251,10 +252,11 @@ def study_report(
     """The study's report from the database and its latest spooled image; None when no
     image of the study was scored (there is nothing to tell the RIS)."""
     findings = _strongest_findings(study_findings)
-    if not findings:
+    assessed = [finding for finding in findings if is_assessed(finding)]
+    if not assessed:
         return None
     dataset = _latest_header(session, spool, study.id)
-    strongest = max(findings, key=lambda item: float(item.get("probability") or 0.0))
+    strongest = max(assessed, key=lambda item: float(item.get("probability") or 0.0))
     name, _, version = str(strongest.get("model") or "").rpartition(" ")
     return StudyReport(
         study_instance_uid=study.study_instance_uid,
@@ -270,16 +272,23 @@ def study_report(
 
 
 def _strongest_findings(findings: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Per coded finding, the one with the highest probability (in first-seen order)."""
+    """Per coded finding, the assessed one with the highest probability (in first-seen
+    order); a finding no image was assessed for is reported once, as not assessed."""
     best: dict[tuple[str, str], Mapping[str, Any]] = {}
     for finding in findings:
         key = (str(finding.get("scheme") or ""), str(finding.get("code") or ""))
         kept = best.get(key)
-        if kept is None or float(finding.get("probability") or 0.0) > float(
-            kept.get("probability") or 0.0
-        ):
+        if kept is None or _stronger(finding, kept):
             best[key] = finding
     return list(best.values())
+
+
+def _stronger(finding: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
+    if not is_assessed(finding):
+        return False
+    if not is_assessed(kept):
+        return True
+    return float(finding.get("probability") or 0.0) > float(kept.get("probability") or 0.0)
 
 
 def _reported(finding: Mapping[str, Any]) -> ReportedFinding:
@@ -290,6 +299,8 @@ def _reported(finding: Mapping[str, Any]) -> ReportedFinding:
         probability=float(finding.get("probability") or 0.0),
         present=bool(finding.get("present")),
         stage=str(finding.get("stage") or ""),
+        assessed=is_assessed(finding),
+        reason=str(finding.get("reason") or ""),
     )
 
 

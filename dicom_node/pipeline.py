@@ -246,7 +246,7 @@ class Pipeline:
             model_key=self.analyzer.identity,
             status=_STATUS[result.status],
             reason=result.reason or None,
-            findings=[finding.as_dict() for finding in result.findings],
+            findings=result.findings_as_dicts(),  # not-assessed ones too, with the reason
             in_domain=result.in_domain,
             ood_distance=result.ood_distance,
             warnings=list(result.warnings),

@@ -117,8 +117,15 @@ def rate_finding(finding: Mapping[str, Any], settings: PrioritySettings) -> tupl
         level = URGENT
     else:
         level = ROUTINE
+    if RANKS[level] > RANKS[rules.highest.upper()]:
+        level = rules.highest.upper()
     factor = 1.0 if confirmed else settings.unconfirmed_factor
     return level, rules.weight * probability * factor
+
+
+def is_assessed(finding: Mapping[str, Any]) -> bool:
+    """A stored finding that was assessed (older rows have no status: they were)."""
+    return finding.get("status", "assessed") == "assessed"
 
 
 def study_priority(
@@ -127,7 +134,7 @@ def study_priority(
     """Highest level and score over ``findings``; no findings → no priority."""
     best: tuple[int, float, Mapping[str, Any]] | None = None
     top_score: float | None = None
-    for finding in findings:
+    for finding in filter(is_assessed, findings):  # not assessed: never feeds the priority
         level, score = rate_finding(finding, settings)
         top_score = score if top_score is None else max(top_score, score)
         if best is None or (RANKS[level], score) > best[:2]:

@@ -81,7 +81,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
-import pydicom
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -104,6 +103,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from dicom_node.files import NotDicomError, read_dicom_file
 from dicom_node.results.registry import DEFAULT_OUTPUTS, check_output_names
 
 PIPELINE_CASCADE = "cxr-cascade"
@@ -794,9 +794,13 @@ def _report_one(
     path: Path, rules: RuleSet, calling_aet: str | None, called_aet: str | None
 ) -> dict[str, Any]:
     try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        dataset = read_dicom_file(path, stop_before_pixels=True)
     except Exception as exc:  # reported per file
-        error = f"cannot read as DICOM: {type(exc).__name__}: {exc}"
+        error = (
+            str(exc)
+            if isinstance(exc, NotDicomError)
+            else f"cannot read as DICOM: {type(exc).__name__}: {exc}"
+        )
         return {
             "file": str(path),
             "error": error,

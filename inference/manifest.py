@@ -21,6 +21,14 @@ BUNDLES_DIR = Path(__file__).parent / "bundles"
 SCREEN_BUNDLE = BUNDLES_DIR / "cxr_pneumonia_screen_mobilenetv3"
 CONFIRM_BUNDLE = BUNDLES_DIR / "cxr_pneumonia_confirm_resnet18"
 WEIGHTS = "models/model.pt"
+
+
+def finding_bundle_path(finding: str, role: str) -> Path:
+    """Where the shipped ``role`` ("screen" | "confirm") bundle of ``finding`` lies."""
+    network = "mobilenetv3" if role == "screen" else "resnet18"
+    return BUNDLES_DIR / f"cxr_{finding}_{role}_{network}"
+
+
 GATE = "models/gate.pt"
 CHUNK = 1 << 20
 

@@ -101,6 +101,28 @@ def sop_instance_uid_of(path: Path) -> str:
 # -- network peers ------------------------------------------------------------------
 
 
+CHILD_AGE = "004Y"
+"""A Patient Age inside the shipped pneumonia models' population (1–5 years).
+
+The chest images of the shared corpora are adult films (or of unknown age), which the
+node now declines to assess. Tests of the plumbing — decoding, the gate, batching,
+outputs, delivery — give their copies this age so that images are scored; the
+population tests (tests/inference/test_population.py) check the refusal itself."""
+
+
+def as_child(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    """``dataset`` with :data:`CHILD_AGE` (in place; returned for chaining)."""
+    dataset.PatientAge = CHILD_AGE
+    return dataset
+
+
+def child_copy(source: Path, target: Path) -> Path:
+    """A copy of the file ``source`` at ``target`` with :data:`CHILD_AGE`, same UIDs."""
+    dataset = pydicom.dcmread(source)
+    as_child(dataset).save_as(target, enforce_file_format=True)
+    return target
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

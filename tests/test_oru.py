@@ -196,3 +196,22 @@ def test_a_study_without_priority_has_no_priority_fields() -> None:
 def test_unknown_status_is_refused() -> None:
     with pytest.raises(ValueError, match="F or C"):
         oru_r01(report(), HEADER, status="P", created=CREATED)
+
+
+def test_a_finding_not_assessed_is_a_text_observation_that_cannot_be_obtained() -> None:
+    tuberculosis = ReportedFinding(
+        "154283005",
+        "SCT",
+        "Pulmonary tuberculosis",
+        0.0,
+        False,
+        "",
+        assessed=False,
+        reason="patient age 4 years is outside the validated ages 18–120 years",
+    )
+    _, _, obx = order_of(roundtrip(report(findings=(PNEUMONIA, tuberculosis))))
+    row = obx[2]
+    assert er7(row.obx_2) == "ST" and er7(row.obx_3) == "154283005^Pulmonary tuberculosis^SCT"
+    assert er7(row.obx_5).startswith("not assessed: patient age 4 years")
+    assert er7(row.obx_11) == "X" and er7(obx[1].obx_11) == "F"
+    assert not er7(row.obx_8)  # neither abnormal nor normal: no call was made

@@ -241,3 +241,31 @@ def test_not_scored_image_leaves_the_study_without_priority(
     study = study_row(sessions, str(pydicom.dcmread(hip, stop_before_pixels=True).StudyInstanceUID))
     assert (study.priority, study.priority_rank, study.priority_score) == (None, 0, None)
     assert priority_events(sessions) == []
+
+
+def test_a_finding_not_assessed_never_feeds_the_priority() -> None:
+    settings = PrioritySettings()
+    not_assessed = {
+        "code": "233604007",
+        "meaning": "Pneumonia",
+        "status": "not_assessed",
+        "reason": "patient age 62 years is outside the validated ages 1–5 years",
+        "present": False,
+    }
+    assert study_priority([not_assessed], settings).level is None
+    assessed = {"code": "233604007", "meaning": "Pneumonia", "probability": 0.3, "stage": "screen"}
+    assert study_priority([not_assessed, assessed], settings).level == "ROUTINE"
+
+
+def test_confirmed_tuberculosis_is_urgent_at_most_by_default() -> None:
+    settings = PrioritySettings()
+    tb = {
+        "code": "154283005",
+        "meaning": "Pulmonary tuberculosis",
+        "probability": 0.99,
+        "present": True,
+        "stage": "confirm",
+    }
+    assert rate_finding(tb, settings)[0] == "URGENT"
+    pneumonia = {**tb, "code": "233604007", "meaning": "Pneumonia"}
+    assert rate_finding(pneumonia, settings)[0] == "STAT"

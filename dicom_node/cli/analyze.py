@@ -69,6 +69,8 @@ def _analysis_line(record: dict[str, Any]) -> str:
     parts = [
         f"{f['meaning']} {f['probability']:.3f} "
         f"{'[red]PRESENT[/red]' if f['present'] else 'absent'} ({f['stage']})"
+        if f["status"] == "assessed"
+        else f"{f['meaning']} not assessed ({f['reason']})"
         for f in record["findings"]
     ]
     warnings = f" [yellow]({'; '.join(record['warnings'])})[/yellow]" if record["warnings"] else ""

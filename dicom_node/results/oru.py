@@ -17,6 +17,9 @@ in a name or a meaning become ``\\F\\``, ``\\S\\``, ``\\R\\``, ``\\E\\``, ``\\T\
     OBX  NM  one per finding: OBX-3 the finding's code as in the SR (e.g. 233604007^
              Pneumonia^SCT), OBX-5 the calibrated probability, OBX-6 1^no units^UCUM,
              OBX-8 A (present) or N (absent), OBX-17 the cascade stage that made the call
+    OBX  ST  one per finding in force that no image of the study could be assessed for
+             (outside the model's intended population): OBX-3 its code, OBX-5 "not
+             assessed: <reason>", OBX-11 X (table 0085: results cannot be obtained)
     OBX  CWE (260870009, SCT, "Priority") = Stat | Urgent | Routine (the SR's codes)
     OBX  NM  (PRIORITYSCORE, 99CXRAI, "Study priority score")
     OBX  ST  (111001, DCM, "Algorithm Name") and (111003, DCM, "Algorithm Version"),
@@ -57,6 +60,7 @@ HL7_VERSION = "2.5.1"
 MESSAGE_TYPE = "ORU^R01^ORU_R01"
 CHARACTER_SET = "UNICODE UTF-8"
 FINAL, CORRECTED = "F", "C"
+NOT_OBTAINED = "X"  # OBX-11, table 0085: results cannot be obtained for this observation
 CONTROL_ID_LENGTH = 20  # MSH-10 is an ST of at most 20 characters in v2.5.1
 
 Code = tuple[str, str, str]  # (code value, meaning, coding system) — a CWE's first three
@@ -81,6 +85,8 @@ class ReportedFinding:
     probability: float
     present: bool
     stage: str  # "screen" | "confirm": the network whose probability this is
+    assessed: bool = True  # False: outside the model's population; no probability
+    reason: str = ""  # why it was not assessed
 
     @property
     def confirmed(self) -> bool:
@@ -260,6 +266,13 @@ def _observations(order: Group, report: StudyReport, status: str) -> None:
 
 
 def _finding_row(finding: ReportedFinding) -> dict[str, str]:
+    if not finding.assessed:
+        return {
+            "type": "ST",
+            "code": _cwe((finding.code, finding.meaning, finding.scheme)),
+            "value": _text(f"not assessed: {finding.reason}"[:200]),
+            "result_status": NOT_OBTAINED,
+        }
     stage = STAGE_VALUES.get(finding.stage)
     return {
         "type": "NM",
@@ -280,7 +293,7 @@ def _obx(obx: Segment, number: int, row: dict[str, str], report: StudyReport, st
         obx.obx_6 = row["units"]
     if row.get("flag"):
         obx.obx_8 = row["flag"]
-    obx.obx_11 = status
+    obx.obx_11 = row.get("result_status", status)
     obx.obx_14 = _dtm(report.observed)
     if row.get("method"):
         obx.obx_17 = row["method"]

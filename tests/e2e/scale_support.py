@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, text
 
 from tests.e2e.orthanc import Orthanc
 from tests.nih_dicom import dx_dataset, pick, read_labels, write
-from tests.support import NODE_AE, START_TIMEOUT_S, STORESCU, NodeProcess, free_port, run
+from tests.support import NODE_AE, START_TIMEOUT_S, STORESCU, NodeProcess, as_child, free_port, run
 
 BURST_SIDE = 256
 SR_SERIES = "AI CXR findings"
@@ -70,7 +70,7 @@ def chest_burst(data_dir: Path, folder: Path, count: int, side: int = BURST_SIDE
     for index in range(count):
         image = images[index % len(images)]
         grey = Image.open(image.path).convert("L").resize((side, side))
-        ds = dx_dataset(image, np.asarray(grey, dtype=np.uint8))
+        ds = as_child(dx_dataset(image, np.asarray(grey, dtype=np.uint8)))
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
         ds.SOPInstanceUID = generate_uid()
         files.append(write(ds, folder / f"burst-{index:04d}.dcm"))

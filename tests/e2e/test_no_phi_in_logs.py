@@ -24,7 +24,14 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 from sqlalchemy import make_url
 
-from tests.support import NodeProcess, free_port, provision_database, send_raw, storescu
+from tests.support import (
+    NodeProcess,
+    as_child,
+    free_port,
+    provision_database,
+    send_raw,
+    storescu,
+)
 
 PHI = {
     "PatientName": "ZZTESTPATIENT^UNIQUE",
@@ -47,7 +54,7 @@ SETTLE_S = 300.0
 def with_phi(
     source: Path, folder: Path, change: Callable[[pydicom.Dataset], None] | None = None
 ) -> Path:
-    ds = pydicom.dcmread(source)
+    ds = as_child(pydicom.dcmread(source))  # scored: in the pneumonia model's population
     for keyword, value in PHI.items():
         setattr(ds, keyword, value)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()

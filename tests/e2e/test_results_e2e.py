@@ -2,8 +2,9 @@
 
 Orthanc (the real Debian server, loopback, temporary configuration) knows the node as a
 DICOM modality; the node knows Orthanc as its destination ``pacs``. The shared data's
-real CR/DX files — chest and non-chest — and NIH sample PNGs wrapped into DX DICOM with
-their real age, sex and view are stored in Orthanc; Orthanc then sends them to the node
+real CR/DX files — chest and non-chest; their patients are adults, outside the pneumonia
+model's population, so they are not scored — and NIH sample PNGs wrapped into DX DICOM
+with their real sex and view and a child's age (inside it) are stored in Orthanc; Orthanc then sends them to the node
 through its REST API (``/modalities/{id}/store``), exactly as a PACS auto-routing rule
 would. ``dicom-node serve`` (a subprocess, real engine) analyses them and sends its
 results back. The test then reads the archive:
@@ -35,7 +36,7 @@ from pydicom.dataset import Dataset
 from tests.dciodvfy import dciodvfy
 from tests.e2e.orthanc import LOOPBACK, Modality, Orthanc, run_orthanc
 from tests.nih_dicom import dx_dataset, pick, read_labels, write
-from tests.support import NodeProcess, free_port, run, storescu
+from tests.support import NodeProcess, as_child, free_port, run, storescu
 
 NODE_MODALITY = "cxr-node"
 SR_SERIES = "AI CXR findings"
@@ -159,10 +160,13 @@ def analyze(files: list[Path], cwd: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def nih_files(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two PA and two AP NIH images as DX DICOM with their real demographics and view."""
+    """Two PA and two AP NIH images as DX DICOM with their real sex and view, aged as a
+    child so that the pneumonia model assesses them."""
     folder = tmp_path_factory.mktemp("nih-dx")
     images = pick(read_labels(data_dir / "nih-sample"), {"PA": 2, "AP": 2})
-    return [write(dx_dataset(image), folder / f"{image.path.stem}.dcm") for image in images]
+    return [
+        write(as_child(dx_dataset(image)), folder / f"{image.path.stem}.dcm") for image in images
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ import pydicom
 import pytest
 
 from inference.cascade import ERROR, NOT_SCORED, SCORED, Cascade
+from tests.support import as_child
 
 from .conftest import CHEST_FILES, NON_CHEST_FILES
 
 
 @pytest.fixture(scope="module")
 def chest_results(cascade: Cascade, dicom_dir: Path) -> dict[str, object]:
-    datasets = [pydicom.dcmread(dicom_dir / name) for name in CHEST_FILES]
+    datasets = [as_child(pydicom.dcmread(dicom_dir / name)) for name in CHEST_FILES]
     return dict(zip(CHEST_FILES, cascade.analyze(datasets), strict=True))
 
 
@@ -42,7 +43,7 @@ def test_chest_radiographs_are_scored_with_a_coded_finding(
 
 
 def test_uncompressed_rg1_chest_is_scored(cascade: Cascade, rg1_uncr: pydicom.Dataset) -> None:
-    (result,) = cascade.analyze([rg1_uncr])
+    (result,) = cascade.analyze([as_child(copy.deepcopy(rg1_uncr))])
     assert result.status == SCORED and result.findings
 
 
@@ -51,6 +52,7 @@ def test_non_chest_files_are_not_scored(cascade: Cascade, dicom_dir: Path, name:
     (result,) = cascade.analyze([pydicom.dcmread(dicom_dir / name)])
     assert result.status == NOT_SCORED and result.reason
     assert not result.findings and result.overlay is None
+    assert {entry["status"] for entry in result.findings_as_dicts()} == {"not_assessed"}
 
 
 def _disguised_as_chest(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -95,7 +97,7 @@ def test_wrong_photometric_header_is_detected_and_corrected(chest_results: dict)
 
 
 def test_batch_gives_the_same_answers_as_one_by_one(cascade: Cascade, dicom_dir: Path) -> None:
-    datasets = [pydicom.dcmread(dicom_dir / name) for name in CHEST_FILES[:3]]
+    datasets = [as_child(pydicom.dcmread(dicom_dir / name)) for name in CHEST_FILES[:3]]
     batched = cascade.analyze(datasets)
     for ds, together in zip(datasets, batched, strict=True):
         (alone,) = cascade.analyze([ds])
@@ -109,7 +111,7 @@ def test_undecodable_image_is_an_error_result_not_an_exception(
 ) -> None:
     broken = copy.deepcopy(rg1_uncr)
     broken.PixelData = broken.PixelData[:1000]
-    good = pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm")
+    good = as_child(pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm"))
     results = cascade.analyze([broken, good])
     assert results[0].status == ERROR and "cannot decode" in results[0].reason
     assert results[1].status == SCORED
@@ -117,7 +119,7 @@ def test_undecodable_image_is_an_error_result_not_an_exception(
 
 def test_without_heatmaps_no_gradcam_is_computed(dicom_dir: Path) -> None:
     fast = Cascade.load(heatmaps=False)
-    (result,) = fast.analyze([pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm")])
+    (result,) = fast.analyze([as_child(pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm"))])
     assert result.status == SCORED and result.heatmap is None and "gradcam" not in result.timings_ms
 
 
@@ -126,7 +128,7 @@ def test_repeated_analysis_does_not_pile_hooks_onto_the_networks(
 ) -> None:
     from inference import explain
 
-    ds = pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm")
+    ds = as_child(pydicom.dcmread(dicom_dir / "siim-cr-jpegbaseline.dcm"))
     cascade.analyze([ds])
     target = explain._cam_for(cascade.screen.network).nn_module.model.target
 
