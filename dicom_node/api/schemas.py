@@ -59,11 +59,14 @@ class Worklist(BaseModel):
 
 
 class FindingOut(BaseModel):
-    """One finding of one result, as the SR reports it."""
+    """One finding of one result, as the SR reports it; ``not_assessed`` (outside the
+    model's intended population) comes with the reason and no probability."""
 
     code: str | None = None
     scheme: str | None = None
     meaning: str | None = None
+    status: str = "assessed"  # "assessed" | "not_assessed"
+    reason: str | None = None
     probability: float | None = None
     present: bool | None = None
     stage: str | None = None

@@ -170,6 +170,10 @@ function renderFindings(result) {
   const list = el("ul");
   if (result.reason) list.append(el("li", {}, `${result.status}: ${result.reason}`));
   for (const f of result.findings) {
+    if (f.status === "not_assessed") {
+      list.append(el("li", { class: "not-assessed" }, `${f.meaning}: not assessed — ${f.reason}`));
+      continue;
+    }
     const verdict = f.present ? "present" : "absent";
     list.append(el("li", {}, `${f.meaning}: ${percent(f.probability)} (${verdict}, ${f.stage})`));
   }
