@@ -2,11 +2,12 @@
 
 Starts a real Orthanc running the shipped Lua router (``deploy/pacs/orthanc/``, the node
 registered as modality ``cxr-ai-node``) and ``dicom-node serve`` (real engine, Orthanc as
-destination ``pacs``), then sends ``--images`` frontal chest radiographs (NIH sample
-images as DX that ``dicom-node analyze`` scores — up to 24 distinct ones, repeated as new
-acquisitions, each its own study) plus ``--decoys`` images the router must not forward
-(laterals and hips made of the same pixels) into Orthanc with dcmtk
-``storescu`` in **one association**, as a modality or a migration would. It waits until
+destination ``pacs``), then sends ``--images`` frontal chest radiographs (NIH sample and
+pediatric Kermany images as DX: up to 24 distinct ones are checked with ``dicom-node
+analyze``, and those it scores are repeated as new acquisitions, each its own study)
+plus ``--decoys`` images the router must not forward (laterals and hips made of the same
+pixels) into Orthanc with dcmtk ``storescu`` in **one association**, as a modality or a
+migration would. It waits until
 the node has analysed and delivered everything and Orthanc's studies — now holding the
 results — have become stable again (the router sweeps each of them once more), then
 counts:
@@ -51,6 +52,7 @@ from tests.e2e.test_pacs_routing import (  # noqa: E402
     SR_SERIES,
     RoutedSite,
     forward_log_lines,
+    kermany_chests,
     nih_chests,
     routed_site,
 )
@@ -71,7 +73,10 @@ def scorable_pool(folder: Path, candidates: int) -> list[Path]:
     of the sample as too far from its training data, and an image without a result has
     no SR to count."""
     folder.mkdir(parents=True)
-    paths = nih_chests(data_dir(), folder, candidates)
+    paths = [
+        *nih_chests(data_dir(), folder, candidates - candidates // 2, youngest_first=True),
+        *kermany_chests(data_dir(), folder, candidates // 2),
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "dicom_node", "analyze", "--json", *map(str, paths)],
         capture_output=True,
