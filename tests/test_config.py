@@ -265,7 +265,7 @@ def test_no_rules_means_the_built_in_default(tmp_path: Path) -> None:
         (
             ROUTING.replace('name = "pacs"\n', 'name = "pacs"\ntype = "stow"\n'),
             "destinations.0.type",
-            "unknown destination type 'stow' (known: dicom, hl7)",
+            "unknown destination type 'stow' (known: dicom, hl7, dicomweb)",
         ),
         (
             ROUTING.replace("port = 104", "port = 104\naetitle = 'PACS'"),
@@ -282,7 +282,7 @@ def test_no_rules_means_the_built_in_default(tmp_path: Path) -> None:
                 'destinations = ["pacs"]', 'destinations = ["pacs"]\noutputs = ["pdf"]'
             ),
             "rules.1.outputs",
-            "unknown output type 'pdf' (known: sc, sr)",
+            "unknown output type 'pdf' (known: pm, sc, sr)",
         ),
         ("[worker]\nthreads = -1\n", "worker.threads", "greater than or equal to 0"),
     ],

@@ -445,7 +445,7 @@ def test_destination_from_toml_table() -> None:
 def test_each_type_has_its_model_and_says_what_it_delivers() -> None:
     ris = parse_destination({"name": "ris", "type": "hl7", "host": "ris", "port": 2575})
     assert isinstance(ris, Hl7Destination) and ris.delivers == "study_events"
-    assert destination_types() == ("dicom", "hl7")
+    assert destination_types() == ("dicom", "hl7", "dicomweb")
     assert (DicomDestination.delivers, Hl7Destination.delivers) == ("objects", "study_events")
     assert "delivers" not in ris.model_dump()
 
@@ -473,7 +473,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
         (
             {"name": "p", "type": "s3", "ae_title": "A", "host": "h", "port": 1},
             "",
-            "type: unknown destination type 's3' (known: dicom, hl7)",
+            "type: unknown destination type 's3' (known: dicom, hl7, dicomweb)",
         ),
         ({"name": "p", "ae_title": "X" * 17, "host": "h", "port": 1}, "ae_title", "1 to 16"),
         ({"name": "p", "ae_title": "A", "host": "h", "port": 0}, "port", "greater than"),

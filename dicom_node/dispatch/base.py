@@ -8,13 +8,14 @@ validates it (:mod:`dicom_node.dispatch.destinations`: ``DicomDestination`` in
 
     [[destinations]]
     name = "pacs"                  # referenced by [[rules]] destinations; unique
-    type = "dicom"                 # "dicom" (C-STORE SCU, the default) or "hl7" (MLLP)
+    type = "dicom"                 # "dicom" (C-STORE SCU, the default), "hl7" (MLLP) or
+                                   # "dicomweb" (STOW-RS)
     timeout_s = 30                 # default for every timeout of the type
     connect_timeout_s = 5          # optional overrides: connect_timeout_s, network_timeout_s
     # … and the keys of the type; a key the type does not have is an error
 
-Adding a destination kind (DICOMweb STOW-RS…) is adding a config model to the union in
-:mod:`~dicom_node.dispatch.destinations` and one module that implements
+Adding a destination kind (as ``dicomweb``, STOW-RS, was added) is adding a config model to
+the union in :mod:`~dicom_node.dispatch.destinations` and one module that implements
 :class:`TargetType` and calls :func:`register` — the pattern of mercure's target-type
 registry. Failures are *returned* as :class:`SendOutcome`, never raised, so that the outbox
 that calls a sender decides about retries from data, not from exceptions.
@@ -53,6 +54,8 @@ class SendOutcome:
     ``retryable`` answers the outbox's one question: can the *same* request succeed
     later without changing the object? Network, association and resource failures can;
     a peer that says the data set is wrong for its SOP class will say so again.
+    ``retry_after_s`` is the peer's own word on when to try again (an HTTP Retry-After),
+    when it gave one: a retry should not come sooner.
     """
 
     success: bool
@@ -63,6 +66,7 @@ class SendOutcome:
     warning: bool = False
     sop_instance_uid: str | None = None
     transfer_syntax: str | None = None
+    retry_after_s: float | None = None
 
     @property
     def status_hex(self) -> str | None:
@@ -201,10 +205,11 @@ class TargetType(Protocol[DestinationT]):
 _REGISTRY: dict[str, TargetType[Any]] = {}
 
 # Built-in types and the module that registers each one's sender when first asked for
-# it, so that validating a configuration imports neither pynetdicom nor hl7apy.
+# it, so that validating a configuration imports neither pynetdicom, hl7apy nor httpx.
 _BUILTIN: dict[str, str] = {
     "dicom": "dicom_node.dispatch.dicom",
     "hl7": "dicom_node.dispatch.hl7",
+    "dicomweb": "dicom_node.dispatch.dicomweb",
 }
 
 

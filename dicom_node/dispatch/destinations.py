@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, Field, TypeAdapter
 
 from dicom_node.dispatch.base import DestinationBase, field_error
 from dicom_node.dispatch.dicom_config import DicomDestination
+from dicom_node.dispatch.dicomweb_config import DicomwebDestination
 from dicom_node.dispatch.hl7_config import Hl7Destination
 
 DEFAULT_TYPE = "dicom"
@@ -22,6 +23,7 @@ DEFAULT_TYPE = "dicom"
 DESTINATION_MODELS: Mapping[str, type[DestinationBase]] = {
     "dicom": DicomDestination,
     "hl7": Hl7Destination,
+    "dicomweb": DicomwebDestination,
 }
 
 
@@ -42,7 +44,7 @@ def _with_type(value: object) -> object:
 
 
 Destination = Annotated[
-    DicomDestination | Hl7Destination,
+    DicomDestination | Hl7Destination | DicomwebDestination,
     Field(discriminator="type"),
     BeforeValidator(_with_type),
 ]

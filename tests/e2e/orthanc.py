@@ -11,6 +11,9 @@ block, and also when the test process itself dies (parent-death signal via ``set
 Orthanc 1.10 has no option to bind its DICOM port to one interface; the port is free and
 random, HTTP only answers loopback clients (``RemoteAccessAllowed: false``).
 
+``run_orthanc(..., dicomweb=True)`` loads the Debian ``orthanc-dicomweb`` plugin
+(:data:`DICOMWEB_PLUGIN`; DICOMweb at :attr:`Orthanc.dicomweb_url`), for STOW-RS tests.
+
 Fixtures (import them into a test module; override ``orthanc_modalities`` there)::
 
     orthanc             one server per module (scope from ORTHANC_FIXTURE_SCOPE)
@@ -42,6 +45,10 @@ SCOPE_ENV = "ORTHANC_FIXTURE_SCOPE"
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT = 90.0  # generous: the test machine may be busy training models
 STOP_TIMEOUT = 20.0
+DICOMWEB_PLUGIN = Path(
+    os.environ.get("ORTHANC_DICOMWEB_PLUGIN", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+)
+DICOMWEB_ROOT = "/dicom-web/"
 START_ATTEMPTS = 3  # a free port can be taken between choosing it and Orthanc binding it
 
 
@@ -62,15 +69,25 @@ class Modality:
 
 
 def configuration(
-    workdir: Path, aet: str, dicom_port: int, http_port: int, modalities: Mapping[str, Modality]
+    workdir: Path,
+    aet: str,
+    dicom_port: int,
+    http_port: int,
+    modalities: Mapping[str, Modality],
+    dicomweb: bool = False,
 ) -> dict[str, Any]:
-    """Orthanc's configuration for one isolated test server."""
+    """Orthanc's configuration for one isolated test server (``dicomweb``: with the
+    DICOMweb plugin)."""
     storage = workdir / "storage"
+    extra: dict[str, Any] = {}
+    if dicomweb:
+        extra["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT, "EnableWado": False}
     return {
+        **extra,
         "Name": f"test-orthanc-{http_port}",
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
-        "Plugins": [],
+        "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
         "HttpServerEnabled": True,
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,
@@ -114,7 +131,9 @@ class Orthanc:
         self.aet = aet
         self.host = LOOPBACK
         self.dicom_port = dicom_port
+        self.http_port = http_port
         self.http_url = f"http://{LOOPBACK}:{http_port}"
+        self.dicomweb_url = self.http_url + DICOMWEB_ROOT.rstrip("/")
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None  # set once started
         # Loopback traffic must not go through an HTTP proxy from the environment.
@@ -214,13 +233,19 @@ class Orthanc:
 
 
 def _start(
-    workdir: Path, aet: str, modalities: Mapping[str, Modality], dicom_port: int | None = None
+    workdir: Path,
+    aet: str,
+    modalities: Mapping[str, Modality],
+    dicom_port: int | None = None,
+    http_port: int | None = None,
+    dicomweb: bool = False,
 ) -> tuple[Orthanc, Any]:
-    dicom_port, http_port = dicom_port or free_port(), free_port()
+    dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
     while http_port == dicom_port:
         http_port = free_port()
     config = workdir / f"orthanc-{http_port}.json"
-    config.write_text(json.dumps(configuration(workdir, aet, dicom_port, http_port, modalities)))
+    settings = configuration(workdir, aet, dicom_port, http_port, modalities, dicomweb)
+    config.write_text(json.dumps(settings))
     server = Orthanc(aet, dicom_port, http_port, workdir / f"orthanc-{http_port}.log")
     with server.log.open("wb") as log:
         process = subprocess.Popen(
@@ -253,18 +278,24 @@ def run_orthanc(
     modalities: Mapping[str, Modality] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
     dicom_port: int | None = None,
+    http_port: int | None = None,
+    dicomweb: bool = False,
 ) -> Iterator[Orthanc]:
     """A running Orthanc for the duration of the block, stopped afterwards whatever happens.
 
-    ``dicom_port`` fixes the DICOM port (e.g. one a node was already told to send to);
-    by default a free one is chosen.
+    ``dicom_port`` fixes the DICOM port (e.g. one a node was already told to send to), and
+    ``http_port`` the HTTP port (e.g. to restart a server at the URL a destination has);
+    by default free ones are chosen. ``dicomweb`` loads the DICOMweb plugin. The same
+    ``workdir`` keeps the stored instances across restarts.
     """
     if not Path(ORTHANC_BINARY).is_file():
         pytest.fail(f"Orthanc not installed at {ORTHANC_BINARY} (Debian package orthanc)")
+    if dicomweb and not DICOMWEB_PLUGIN.is_file():
+        pytest.fail(f"DICOMweb plugin not installed at {DICOMWEB_PLUGIN} (orthanc-dicomweb)")
     workdir.mkdir(parents=True, exist_ok=True)
     failure: OrthancError | None = None
     for _ in range(START_ATTEMPTS):
-        server, process = _start(workdir, aet, modalities or {}, dicom_port)
+        server, process = _start(workdir, aet, modalities or {}, dicom_port, http_port, dicomweb)
         try:
             server.wait_until_ready(process, startup_timeout)
         except OrthancError as exc:
