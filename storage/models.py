@@ -283,7 +283,11 @@ class Result(Base):
     warnings: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
     timings_ms: Mapped[dict[str, float]] = mapped_column(JsonDocument, default=dict)
     # One {"kind", "sop_class_uid", "sop_instance_uid", "path"} per output object written.
-    outputs: Mapped[list[dict[str, str]]] = mapped_column(JsonDocument, default=list)
+    outputs: Mapped[list[dict[str, str]]] = mapped_column(
+        JsonDocument,
+        default=list,
+        nullable=True,  # see migration 0006; always a list
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -8,6 +8,12 @@ Output types are a registry (SR, heatmap SC, and more to come: SEG, Parametric M
 the result row can no longer have two columns per type: ``outputs`` is a JSON list of
 ``{"kind", "sop_class_uid", "sop_instance_uid", "path"}``, one per object written for
 the analysis. The four ``sr_*`` / ``sc_*`` columns are folded into it and dropped.
+
+Plain ``ALTER TABLE … ADD/DROP COLUMN`` on both backends (SQLite has both since 3.35):
+batch mode would rebuild ``results`` on SQLite, and with foreign keys enforced dropping
+the old table fails as soon as sends refer to its rows. ``outputs`` stays nullable at the
+database level for the same reason (SQLite cannot add NOT NULL in place); the model
+always writes a list.
 """
 
 from collections.abc import Sequence
@@ -38,9 +44,11 @@ _LEGACY = sa.table(
 )
 
 
+LEGACY_COLUMNS = ("sr_sop_instance_uid", "sr_path", "sc_sop_instance_uid", "sc_path")
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("results") as batch:
-        batch.add_column(sa.Column("outputs", JSON_DOC, nullable=True))
+    op.add_column("results", sa.Column("outputs", JSON_DOC, nullable=True))
     connection = op.get_bind()
     rows = connection.execute(
         sa.select(
@@ -66,18 +74,13 @@ def upgrade() -> None:
             if uid and path
         ]
         connection.execute(sa.update(_LEGACY).where(_LEGACY.c.id == row.id).values(outputs=outputs))
-    with op.batch_alter_table("results") as batch:
-        batch.alter_column("outputs", existing_type=JSON_DOC, nullable=False)
-        for column in ("sr_sop_instance_uid", "sr_path", "sc_sop_instance_uid", "sc_path"):
-            batch.drop_column(column)
+    for column in LEGACY_COLUMNS:
+        op.execute(f"ALTER TABLE results DROP COLUMN {column}")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("results") as batch:
-        batch.add_column(sa.Column("sr_sop_instance_uid", sa.String(64)))
-        batch.add_column(sa.Column("sr_path", sa.String(255)))
-        batch.add_column(sa.Column("sc_sop_instance_uid", sa.String(64)))
-        batch.add_column(sa.Column("sc_path", sa.String(255)))
+    for column, length in zip(LEGACY_COLUMNS, (64, 255, 64, 255), strict=True):
+        op.add_column("results", sa.Column(column, sa.String(length)))
     connection = op.get_bind()
     for row in connection.execute(sa.select(_LEGACY.c.id, _LEGACY.c.outputs)).all():
         values: dict[str, str] = {}
@@ -87,5 +90,4 @@ def downgrade() -> None:
                 values[f"{output['kind']}_path"] = output["path"]
         if values:
             connection.execute(sa.update(_LEGACY).where(_LEGACY.c.id == row.id).values(**values))
-    with op.batch_alter_table("results") as batch:
-        batch.drop_column("outputs")
+    op.execute("ALTER TABLE results DROP COLUMN outputs")
