@@ -51,12 +51,18 @@ def load_labelled(root: Path, limit: int | None = None) -> Split:
 
 
 def load_adults(root: Path | None) -> Split | None:
-    """NIH ChestX-ray14 sample (adult frontal chests) for the gate's in-domain reference."""
+    """A folder of adult frontal chests (``nih-sample``, ``nih-pneumonia``, ``tb-sakha``,
+    ``cxr-anatomy``: ``path`` or ``image`` column) for the gate's in-domain reference;
+    labels are ignored (every image is a chest radiograph the gate must admit)."""
     if root is None:
         return None
     with (root / "labels.csv").open() as fh:
         rows = [
-            {"path": r["image"], "label": "normal", "patient": r["patient"]}
+            {
+                "path": r.get("path") or r["image"],
+                "label": "normal",
+                "patient": r.get("patient", ""),
+            }
             for r in csv.DictReader(fh)
         ]
     return _read_split(root, rows)

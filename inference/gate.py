@@ -114,7 +114,11 @@ def _matrix_reason(ds: Dataset) -> str:
 # --- feature statistics ---------------------------------------------------------------
 
 SHRINKAGE = 0.1  # covariance shrinkage toward identity, in standardised feature space
-DISTANCE_QUANTILE = 0.995  # of held-out in-domain distances
+DISTANCE_QUANTILE = 0.999  # of held-out in-domain distances
+# 0.999 rather than 0.995: with the four adult chest sets in the reference, 0.995 still
+# refused 3.3 % of held-out nih-sample images in 5-fold cross-validation, 0.999 refuses
+# ≤ 1.7 % of every adult set while the dental film stays > 2× the threshold (the other
+# non-chest negatives are refused by the header rules).
 
 
 def fit_distance(reference: np.ndarray, held_out: np.ndarray) -> dict[str, torch.Tensor]:

@@ -45,6 +45,14 @@ from inference.preprocess import INPUT_SIZE, KEY, inference_transforms, training
 log = logging.getLogger("inference.train")
 
 PNEUMONIA = {"name": "pneumonia", "code": "233604007", "scheme": "SCT", "meaning": "Pneumonia"}
+PEDIATRIC = {  # the training data's population (inference.population reads it)
+    "age_years": [1, 5],
+    "views": ["PA", "AP"],
+    "modalities": ["CR", "DX"],
+    "unknown_age": "not_assessed",
+    "description": "children aged 1-5 years (Kermany et al.: pediatric patients aged 1 to 5 "
+    "from one hospital)",
+}
 SCREEN_SENSITIVITY = 0.985  # margin above the 0.97 the screen must keep on unseen data
 
 
@@ -229,6 +237,8 @@ def metadata_for(
         "doi:10.17632/rscbjbr9sj.2 (training split)",
         "data_type": "jpeg",
         "intended_use": "Worklist triage support; not a diagnosis.",
+        "population": PEDIATRIC,
+        "finding": "pneumonia",
         "labels": [PNEUMONIA],
         "thresholds": {"pneumonia": round(threshold, 5)},
         "calibration": calibration,
@@ -327,7 +337,7 @@ def train_role(arch: Arch, train: Split, val: Split, args: argparse.Namespace) -
     calibration, threshold, metrics = calibrate_and_threshold(arch, network, pos_weight, val)
     meta = metadata_for(arch, calibration, threshold, metrics, train, val, args.seed, args.version)
     gate_stats, gate_info = (
-        fit_screen_gate(network, train, val, load_adults(args.adults))
+        fit_screen_gate(network, train, val, [a for a in map(load_adults, args.adults or []) if a])
         if arch.role == "screen"
         else (None, None)
     )
@@ -346,23 +356,24 @@ def train_role(arch: Arch, train: Split, val: Split, args: argparse.Namespace) -
 
 
 def fit_screen_gate(
-    network: nn.Module, train: Split, val: Split, adults: Split | None
+    network: nn.Module, train: Split, val: Split, adults: Split | list[Split] | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Gate statistics from the screen's features.
 
-    Reference: the training images plus every other adult image; threshold per probe
-    block: a high quantile of the held-out distances (pediatric validation plus the
-    other adults), so adult chests are in-domain for the gate even though the classifier
-    saw none. The polarity probe learns from a third of the training images, inverted.
+    Reference: the training images plus every other image of each adult chest set;
+    threshold per probe block: a high quantile of the held-out distances (pediatric
+    validation plus the other adults), so adult chests are in-domain for the gate even
+    though the pneumonia classifier saw none. The polarity probe learns from a third of
+    the training images, inverted.
     """
     train_embed, reference = embed_and_probe(network, train)
     held_out = embed_and_probe(network, val)[1]
     info: dict[str, Any] = {"reference": f"{len(train.labels)} Kermany training images"}
-    if adults is not None:
-        adult_probes = embed_and_probe(network, adults)[1]
+    for group in [adults] if isinstance(adults, Split) else adults or []:
+        adult_probes = embed_and_probe(network, group)[1]
         reference = [np.vstack([r, a[0::2]]) for r, a in zip(reference, adult_probes, strict=True)]
         held_out = [np.vstack([h, a[1::2]]) for h, a in zip(held_out, adult_probes, strict=True)]
-        info["reference"] += f" + {len(adult_probes[0][0::2])} NIH ChestX-ray14 adult images"
+        info["reference"] += f" + {len(adult_probes[0][0::2])} adult chest images"
     subset = slice(None, None, 3)
     inverted = Split(255 - train.images[subset], train.labels[subset], train.patients[subset])
     distance = [gate.fit_distance(r, h) for r, h in zip(reference, held_out, strict=True)]
@@ -387,7 +398,8 @@ def refit_gate(args: argparse.Namespace) -> None:
     path = Path(args.out) / SCREEN_BUNDLE.name if args.out else SCREEN_BUNDLE
     bundle = load_bundle(path)
     train, val = load_kermany(args.data, args.limit)
-    stats, info = fit_screen_gate(bundle.network, train, val, load_adults(args.adults))
+    adults = [load_adults(folder) for folder in args.adults or []]
+    stats, info = fit_screen_gate(bundle.network, train, val, [a for a in adults if a])
     replace_gate(path, stats, info)
     log.info("gate of %s refitted: %s", path, json.dumps(info))
 
@@ -402,7 +414,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--workers", type=int, default=1, help="data loader processes")
-    parser.add_argument("--adults", type=Path, help="nih-sample folder (gate reference)")
+    parser.add_argument(
+        "--adults",
+        type=Path,
+        nargs="*",
+        help="adult chest folders for the gate reference (nih-sample, nih-pneumonia, "
+        "tb-sakha, cxr-anatomy)",
+    )
     parser.add_argument("--gate-only", action="store_true", help="refit the screen's gate only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
