@@ -40,6 +40,7 @@ def large_dx() -> pydicom.Dataset:
     ds.Rows, ds.Columns = ROWS, COLS
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
     ds.Modality = "DX"
+    ds.PatientAge = "004Y"  # inside the pneumonia model's population: every stage runs
     ds.PixelData = big.astype(np.uint16).tobytes()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
