@@ -122,8 +122,9 @@ class Modality:
         ae = AE(ae_title="CHAOS_CR")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         datasets = {path: pydicom.dcmread(path) for path in self.files}
-        for ds in datasets.values():
-            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        contexts = {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets.values()}
+        for sop_class, transfer_syntax in sorted(contexts):
+            ae.add_requested_context(sop_class, transfer_syntax)
         self._pending.extend(self.files)
         next_at = time.monotonic()
         while self._pending and not self.stop.is_set():
