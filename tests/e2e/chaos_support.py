@@ -240,6 +240,7 @@ def run_chaos(
             )
             log(f"round {index + 1}/{rounds}: killed {role} (pid {pid}) {state}")
             time.sleep(max(0.0, round_start + round_s - time.monotonic()))
+            _archive_alive(orthanc)
         stream.join(timeout=settle_timeout)
         if stream.is_alive():
             modality.stop.set()
@@ -247,7 +248,7 @@ def run_chaos(
         settle_start = time.monotonic()
         acknowledged = set(modality.acknowledged)
         wait_for(
-            lambda: _settled(database_url, acknowledged),
+            lambda: _archive_alive(orthanc) and _settled(database_url, acknowledged),
             settle_timeout,
             "every acknowledged image analysed and its results delivered",
             every=1.0,
@@ -271,6 +272,16 @@ def run_chaos(
         settle_seconds=round(settle_seconds, 1),
         details=verdict,
     )
+
+
+def _archive_alive(orthanc: Orthanc) -> bool:
+    """True; raises if the archive process is gone (the run would only time out)."""
+    if orthanc.process is not None and orthanc.process.poll() is not None:
+        raise RuntimeError(
+            f"Orthanc exited ({orthanc.process.returncode}) during the run; it is not one of "
+            f"the processes this run kills:\n{orthanc.log_tail()}"
+        )
+    return True
 
 
 def _moment(url: str) -> dict[str, int]:
