@@ -77,6 +77,8 @@ def main() -> int:
             role: sum(1 for kill in report.kills if kill["role"] == role)
             for role in sorted({kill["role"] for kill in report.kills})
         },
+        "jobs_rerun": report.details["jobs_rerun"],
+        "sends_recovered": report.details["sends_recovered"],
         "kills": report.kills,
         "details": report.details,
         "cpu_count": os.cpu_count(),

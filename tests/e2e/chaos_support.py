@@ -19,7 +19,9 @@ once the queue and the outbox are empty:
   more than one ``send.sent`` audit event, plus (destination, SOP instance) pairs with more
   than one ``sent`` row;
 * **resent** — sends claimed more than once (a sender died holding them): the at-least-once
-  part of delivery, which Orthanc absorbs because it keeps one copy per SOP Instance UID.
+  part of delivery, which Orthanc absorbs because it keeps one copy per SOP Instance UID;
+  with **jobs_rerun** (jobs claimed again after their worker died) and **sends_recovered**
+  it shows how much in-flight work the kills actually hit.
 
 Used by ``tests/e2e/test_chaos.py`` (a short run) and ``bench/bench_chaos.py`` (20 rounds).
 """
@@ -339,6 +341,10 @@ def _verdict(url: str, orthanc: Orthanc, acknowledged: set[str]) -> dict[str, An
     )
     claimed_again = rows(url, "SELECT count(*) FROM sends WHERE attempts > 1")[0][0]
     results = rows(url, "SELECT instance_id, count(*) FROM results GROUP BY instance_id")
+    claims = rows(
+        url, "SELECT job_id, count(*) FROM audit_events WHERE kind = 'job.running' GROUP BY job_id"
+    )
+    recovered = rows(url, "SELECT count(*) FROM audit_events WHERE kind = 'send.recovered'")
     return {
         "lost": len(lost),
         "lost_uids": lost[:20],
@@ -348,6 +354,8 @@ def _verdict(url: str, orthanc: Orthanc, acknowledged: set[str]) -> dict[str, An
         "sent_rows_twice": len(sent_rows),
         "resent": int(claimed_again),
         "results_per_instance_max": max((count for _, count in results), default=0),
+        "jobs_rerun": sum(1 for _, count in claims if count > 1),  # a killed worker's batch
+        "sends_recovered": int(recovered[0][0]),  # claims of a killed sender, freed at once
         "archive_sr": sum(archive["sr"].values()),
         "archive_sc": sum(archive["sc"].values()),
         "unacknowledged_but_stored": len(
