@@ -4,8 +4,8 @@ Orthanc (the real Debian server, loopback, temporary configuration) knows the no
 DICOM modality; the node knows Orthanc as its destination ``pacs``. The shared data's
 real CR/DX files — chest and non-chest; their patients are adults, outside the pneumonia
 model's population, so they are not scored — and NIH sample PNGs wrapped into DX DICOM
-with their real sex and view and a child's age (inside it) are stored in Orthanc; Orthanc then sends them to the node
-through its REST API (``/modalities/{id}/store``), exactly as a PACS auto-routing rule
+with their real sex and view and a child's age (inside it) are stored in Orthanc; Orthanc
+then sends them to the node through its REST API (``/modalities/{id}/store``), exactly as a PACS auto-routing rule
 would. ``dicom-node serve`` (a subprocess, real engine) analyses them and sends its
 results back. The test then reads the archive:
 
@@ -36,7 +36,7 @@ from pydicom.dataset import Dataset
 from tests.dciodvfy import dciodvfy
 from tests.e2e.orthanc import LOOPBACK, Modality, Orthanc, run_orthanc
 from tests.nih_dicom import dx_dataset, pick, read_labels, write
-from tests.support import NodeProcess, as_child, free_port, run, storescu
+from tests.support import NodeProcess, as_child, child_copy, free_port, run, storescu
 
 NODE_MODALITY = "cxr-node"
 SR_SERIES = "AI CXR findings"
@@ -316,7 +316,8 @@ def test_destination_down_results_delivered_once_when_it_returns(
         config_file=node_config(work / "node.toml", pacs_port, extra),
         workers=True,
     ).start()
-    chest = [p for p in image_files if p.name == "siim-cr-jpegbaseline.dcm"] + nih_files[:1]
+    siim = next(p for p in image_files if p.name == "siim-cr-jpegbaseline.dcm")
+    chest = [child_copy(siim, tmp_path / "siim-child.dcm"), *nih_files[:1]]
     try:
         for path in chest:
             assert storescu(node.port, path).returncode == 0
