@@ -5,9 +5,9 @@ DICOM modality; the node knows Orthanc as its destination ``pacs``. The shared d
 real CR/DX files — chest and non-chest; their patients are adults, outside the pneumonia
 model's population, so they are not scored — and NIH sample PNGs wrapped into DX DICOM
 with their real sex and view and a child's age (inside it) are stored in Orthanc; Orthanc
-then sends them to the node through its REST API (``/modalities/{id}/store``), exactly as a PACS auto-routing rule
-would. ``dicom-node serve`` (a subprocess, real engine) analyses them and sends its
-results back. The test then reads the archive:
+then sends them to the node through its REST API (``/modalities/{id}/store``), exactly as
+a PACS auto-routing rule would. ``dicom-node serve`` (a subprocess, real engine) analyses
+them and sends its results back. The test then reads the archive:
 
 * every image the engine scores has exactly one SR and one SC in its study, referencing
   it; every other image (non-chest, not scored) has none;
