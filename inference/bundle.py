@@ -49,6 +49,7 @@ __all__ = [
     "Calibration",
     "Label",
     "build_network",
+    "network_data_format",
     "load_bundle",
     "read_metadata",
     "replace_gate",
@@ -146,6 +147,37 @@ def build_network(network_def: dict[str, Any], source: str = "network_def") -> n
     if not isinstance(network, nn.Module):
         raise BundleError(f"{source}: network_def is not a torch module")
     return network
+
+
+def network_data_format(size: int, label: str) -> dict[str, Any]:
+    """The bundle's input and output spec: one grey channel at ``size``², one logit."""
+    return {
+        "inputs": {
+            "image": {
+                "type": "image",
+                "format": "magnitude",
+                "modality": "xray",
+                "num_channels": 1,
+                "spatial_shape": [size, size],
+                "dtype": "float32",
+                "value_range": ["per-image standardised after 1-99 percentile stretch"],
+                "is_patch_data": False,
+                "channel_def": {"0": "image"},
+            }
+        },
+        "outputs": {
+            "pred": {
+                "type": "logits",
+                "format": "classification",
+                "num_channels": 1,
+                "spatial_shape": [1],
+                "dtype": "float32",
+                "value_range": [],
+                "is_patch_data": False,
+                "channel_def": {"0": label},
+            }
+        },
+    }
 
 
 def write_bundle(

@@ -335,10 +335,11 @@ class Cascade:
                         )
                     )
             if finding is not self.gate_finding:
-                self._screen(eligible, finding)
-            self._confirm(
+                self._score(eligible, finding, "screen")
+            self._score(
                 [it for it in eligible if it.screen[finding.name] >= finding.screen_threshold],
                 finding,
+                "confirm",
             )
             for it in eligible:
                 it.result.findings.append(self._finding(it, finding))
@@ -370,17 +371,20 @@ class Cascade:
             it.probes = [p[i] for p in probe]
             it.result.timings_ms["screen"] = it.result.timings_ms.get("screen", 0.0) + elapsed
 
-    def _screen(self, items: list[_Item], finding: FindingModels) -> None:
+    def _score(self, items: list[_Item], finding: FindingModels, stage: str) -> None:
+        """One batched pass of ``finding``'s ``stage`` ("screen" | "confirm") network;
+        each item's calibrated probability and its share of the time."""
         if not items:
             return
+        bundle = finding.screen if stage == "screen" else finding.confirm
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = finding.screen.network(self._batch(items, finding.screen.input_size))
-        probs = finding.screen.calibration.apply(logits.squeeze(1)).tolist()
+            logits = bundle.network(self._batch(items, bundle.input_size))
+        probs = bundle.calibration.apply(logits.squeeze(1)).tolist()
         elapsed = (time.perf_counter() - start) * 1000 / len(items)
         for it, prob in zip(items, probs, strict=True):
-            it.screen[finding.name] = float(prob)
-            it.result.timings_ms["screen"] = it.result.timings_ms.get("screen", 0.0) + elapsed
+            (it.screen if stage == "screen" else it.confirm)[finding.name] = float(prob)
+            it.result.timings_ms[stage] = it.result.timings_ms.get(stage, 0.0) + elapsed
 
     def _correct_polarity(self, items: list[_Item]) -> None:
         """Re-screen images displayed inverted (wrong Photometric Interpretation)."""
@@ -424,18 +428,6 @@ class Cascade:
                     "the model can score"
                 )
         return [it for it in items if it.result.in_domain]
-
-    def _confirm(self, items: list[_Item], finding: FindingModels) -> None:
-        if not items:
-            return
-        start = time.perf_counter()
-        with torch.inference_mode():
-            logits = finding.confirm.network(self._batch(items, finding.confirm.input_size))
-        probs = finding.confirm.calibration.apply(logits.squeeze(1)).tolist()
-        elapsed = (time.perf_counter() - start) * 1000 / len(items)
-        for it, prob in zip(items, probs, strict=True):
-            it.confirm[finding.name] = float(prob)
-            it.result.timings_ms["confirm"] = it.result.timings_ms.get("confirm", 0.0) + elapsed
 
     def _finding(self, it: _Item, finding: FindingModels) -> Finding:
         confirmed = it.confirm.get(finding.name)

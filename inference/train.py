@@ -37,6 +37,7 @@ from inference.bundle import (
     SCREEN_BUNDLE,
     Calibration,
     build_network,
+    network_data_format,
     write_bundle,
 )
 from inference.datasets import Split, load_adults, load_kermany
@@ -251,33 +252,7 @@ def metadata_for(
             "val_patients": len(set(val.patients)),
             "trained_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "magnitude",
-                    "modality": "xray",
-                    "num_channels": 1,
-                    "spatial_shape": [INPUT_SIZE, INPUT_SIZE],
-                    "dtype": "float32",
-                    "value_range": ["per-image standardised after 1-99 percentile stretch"],
-                    "is_patch_data": False,
-                    "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "logits",
-                    "format": "classification",
-                    "num_channels": 1,
-                    "spatial_shape": [1],
-                    "dtype": "float32",
-                    "value_range": [],
-                    "is_patch_data": False,
-                    "channel_def": {"0": "pneumonia"},
-                }
-            },
-        },
+        "network_data_format": network_data_format(INPUT_SIZE, "pneumonia"),
     }
 
 

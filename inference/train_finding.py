@@ -45,6 +45,7 @@ from inference.bundle import (
     WEIGHTS,
     Calibration,
     build_network,
+    network_data_format,
     write_bundle,
 )
 from inference.datasets import Split, _read_grey
@@ -318,33 +319,7 @@ def metadata(
             "epochs": args.epochs[role],
             "trained_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "magnitude",
-                    "modality": "xray",
-                    "num_channels": 1,
-                    "spatial_shape": [args.size, args.size],
-                    "dtype": "float32",
-                    "value_range": ["per-image standardised after 1-99 percentile stretch"],
-                    "is_patch_data": False,
-                    "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "logits",
-                    "format": "classification",
-                    "num_channels": 1,
-                    "spatial_shape": [1],
-                    "dtype": "float32",
-                    "value_range": [],
-                    "is_patch_data": False,
-                    "channel_def": {"0": spec.name},
-                }
-            },
-        },
+        "network_data_format": network_data_format(args.size, spec.name),
     }
 
 
