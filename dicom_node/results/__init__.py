@@ -6,6 +6,10 @@ One module per IOD, each with one builder named after what it makes:
   PS3.16 TID 1500 Measurement Report, one TID 1501 group per finding;
 * :mod:`dicom_node.results.heatmap_sc` — ``heatmap_secondary_capture``: the rendered
   Grad-CAM overlay as a Secondary Capture Image (PS3.3 A.8.1);
+* :mod:`dicom_node.results.parametric_map` — the Grad-CAM map as a Parametric Map
+  (output type ``pm``, off by default);
+* :mod:`dicom_node.results.oru` — the study's HL7 ORU^R01 (a study event, not an output
+  type);
 * :mod:`dicom_node.results.uids` — deterministic output UIDs;
 * :mod:`dicom_node.results.registry` — the output types a rule may name.
 

@@ -8,8 +8,8 @@ in a name or a meaning become ``\\F\\``, ``\\S\\``, ``\\R\\``, ``\\E\\``, ``\\T\
          from the destination, MSH-10 control ID (see below), P, 2.5.1, UNICODE UTF-8
     PID  PID-3 patient ID (^^^issuer), PID-5 name, PID-7 birth date, PID-8 sex
     ORC  RE; ORC-2/ORC-3 accession number; CM; ORC-7.6 priority
-    OBR  OBR-2/OBR-3 accession number, OBR-4 Plain chest X-ray (SCT 399208008, as the
-         SR's procedure), OBR-5 priority, OBR-7 study date/time, OBR-22 report time,
+    OBR  OBR-2/OBR-3 accession number, OBR-4 Plain chest X-ray (SCT 399208008: the
+         ordered service), OBR-5 priority, OBR-7 study date/time, OBR-22 report time,
          OBR-24 RAD, OBR-25 result status F (final) or C (correction of an earlier one)
     TQ1  TQ1-9 priority: v2.5.1 moved the order priority here (ORC-7 and OBR-5 are kept
          only for backward compatibility, and are filled for receivers that still read them)
