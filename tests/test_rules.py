@@ -653,7 +653,7 @@ def test_rules_test_report(tmp_path: Path) -> None:
     assert report[0]["outputs"] == ["sr", "sc"]
     assert report[1]["outputs"] == [] and report[2]["outputs"] == []
     assert report[1]["trace"][0]["matched"] is False
-    assert report[2]["error"].startswith("cannot read as DICOM")
+    assert report[2]["error"].startswith("not a DICOM file")
 
 
 def test_rules_test_report_with_rule_tables() -> None:
