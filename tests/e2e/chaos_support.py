@@ -41,45 +41,12 @@ import pydicom
 from pynetdicom import AE
 
 from tests.e2e.orthanc import LOOPBACK, Orthanc
-from tests.e2e.scale_support import chest_burst, rows, wait_for
+from tests.e2e.scale_support import chest_burst, rows, split_config, wait_for
 from tests.support import NODE_AE, NodeProcess
 
 SR_SERIES = "AI CXR findings"
 SC_SERIES = "AI CXR heatmap"
 ROLES = ("listener", "worker-1", "worker-2", "sender")
-
-
-def chaos_config(path: Path, orthanc: Orthanc) -> Path:
-    """Orthanc as ``pacs``; short leases and polls; one inference thread per worker."""
-    path.write_text(
-        f"""
-[[destinations]]
-name = "pacs"
-ae_title = "{orthanc.aet}"
-host = "{LOOPBACK}"
-port = {orthanc.dicom_port}
-timeout_s = 20
-
-[worker]
-batch_size = 4
-poll_interval = 0.5
-job_lease = 6
-
-[sender]
-poll_interval = 0.5
-backoff_base = 0.5
-backoff_cap = 2
-lease = 8
-
-[inference]
-threads = 1
-heatmaps = true
-
-[retention]
-enabled = false
-"""
-    )
-    return path
 
 
 def node_processes(work: Path, url: str, config: Path) -> dict[str, NodeProcess]:
@@ -209,7 +176,7 @@ def run_chaos(
     """Start the four processes, stream, kill and restart one per round, settle, count."""
     rng = random.Random(seed)
     files = chest_burst(data_dir, work / "images", rounds * images_per_round)
-    config = chaos_config(work / "node.toml", orthanc)
+    config = split_config(work / "node.toml", orthanc, job_lease=6)
     processes = node_processes(work, database_url, config)
     kills: list[dict[str, Any]] = []
     order = [role for _ in range(rounds) for role in rng.sample(ROLES, len(ROLES))]

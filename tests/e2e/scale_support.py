@@ -27,7 +27,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 
-from tests.e2e.orthanc import Orthanc
+from tests.e2e.orthanc import LOOPBACK, Orthanc
 from tests.nih_dicom import dx_dataset, pick, read_labels, write
 from tests.support import NODE_AE, START_TIMEOUT_S, STORESCU, NodeProcess, as_child, free_port, run
 
@@ -59,6 +59,40 @@ def wait_ready(process: NodeProcess, timeout: float = START_TIMEOUT_S) -> None:
         return any(e.get("event") == "worker ready" for e in process.log_events())
 
     wait_for(ready, timeout, "the engine to load", every=0.2)
+
+
+def split_config(path: Path, orthanc: Orthanc, job_lease: float) -> Path:
+    """The split deployment's configuration: Orthanc as ``pacs``; short leases and polls,
+    one inference thread per worker; no retention."""
+    path.write_text(
+        f"""
+[[destinations]]
+name = "pacs"
+ae_title = "{orthanc.aet}"
+host = "{LOOPBACK}"
+port = {orthanc.dicom_port}
+timeout_s = 20
+
+[worker]
+batch_size = 4
+poll_interval = 0.5
+job_lease = {job_lease:g}
+
+[sender]
+poll_interval = 0.5
+backoff_base = 0.5
+backoff_cap = 2
+lease = 8
+
+[inference]
+threads = 1
+heatmaps = true
+
+[retention]
+enabled = false
+"""
+    )
+    return path
 
 
 def chest_burst(data_dir: Path, folder: Path, count: int, side: int = BURST_SIDE) -> list[Path]:

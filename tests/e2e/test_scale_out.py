@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.orthanc import LOOPBACK, Orthanc, run_orthanc
+from tests.e2e.orthanc import run_orthanc
 from tests.e2e.scale_support import (
     acknowledged,
     chest_burst,
     rows,
+    split_config,
     srs_per_source,
     storescu_many,
     wait_for,
@@ -39,39 +40,6 @@ from tests.support import NodeProcess, provision_database
 IMAGES = 40
 WAIT_S = 480.0
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def scale_out_config(path: Path, orthanc: Orthanc) -> Path:
-    """Orthanc as ``pacs``; short lease and polls; one inference thread."""
-    path.write_text(
-        f"""
-[[destinations]]
-name = "pacs"
-ae_title = "{orthanc.aet}"
-host = "{LOOPBACK}"
-port = {orthanc.dicom_port}
-timeout_s = 20
-
-[worker]
-batch_size = 4
-poll_interval = 0.5
-job_lease = 4
-
-[sender]
-poll_interval = 0.5
-backoff_base = 0.5
-backoff_cap = 2
-lease = 8
-
-[inference]
-threads = 1
-heatmaps = true
-
-[retention]
-enabled = false
-"""
-    )
-    return path
 
 
 @pytest.fixture
@@ -106,7 +74,7 @@ def test_two_workers_process_each_job_once_and_a_killed_one_leaves_its_jobs_to_t
     spool = work / "spool"
     files = chest_burst(data_dir, work / "burst", IMAGES)
     with run_orthanc(work / "orthanc") as orthanc:
-        config = scale_out_config(work / "node.toml", orthanc)
+        config = split_config(work / "node.toml", orthanc, job_lease=4)
         listener = NodeProcess(
             home=work / "listener",
             database_url=postgres_url,
