@@ -59,7 +59,6 @@ class Population:
     views: tuple[str, ...] = ()  # empty: any view the header gate admits
     modalities: tuple[str, ...] = ()
     unknown_age: str = "not_assessed"  # or "assess"
-    description: str = ""
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any] | None) -> Population:
@@ -76,7 +75,6 @@ class Population:
             views=tuple(str(v).upper() for v in meta.get("views", ())),
             modalities=tuple(str(m).upper() for m in meta.get("modalities", ())),
             unknown_age=unknown,
-            description=str(meta.get("description", "")),
         )
 
     def reason_outside(self, facts: ImageFacts) -> str | None:
@@ -113,15 +111,6 @@ class Population:
         low = "0" if self.age_min is None else f"{self.age_min:g}"
         high = "any" if self.age_max is None else f"{self.age_max:g}"
         return f"{low}–{high} years"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "age_years": [self.age_min, self.age_max],
-            "views": list(self.views),
-            "modalities": list(self.modalities),
-            "unknown_age": self.unknown_age,
-            "description": self.description,
-        }
 
 
 def patient_age_years(ds: Dataset) -> float | None:

@@ -161,22 +161,15 @@ def train_network(
     )
     best_auc, best_state = -1.0, None
     for epoch in range(epochs):
-        network.train()
-        start, total = time.time(), 0.0
-        for images, labels in loader:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(network(images), labels)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
+        start = time.time()
+        loss = run_epoch(network, loader, loss_fn, opt, sched)
         val_auc = evaluate.auroc(val.labels, predict(network, val))
         log.info(
             "%s epoch %d/%d loss %.4f val_auroc %.4f (%.0fs)",
             arch.role,
             epoch + 1,
             epochs,
-            total / len(loader),
+            loss,
             val_auc,
             time.time() - start,
         )
@@ -187,6 +180,26 @@ def train_network(
     network.load_state_dict(best_state)
     network.eval()
     return network, float(pos_weight)
+
+
+def run_epoch(
+    network: nn.Module,
+    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+) -> float:
+    """One pass over ``loader`` in training mode; the mean loss."""
+    network.train()
+    total = 0.0
+    for images, labels in loader:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(network(images), labels)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item()
+    return total / len(loader)
 
 
 def calibrate_and_threshold(

@@ -50,6 +50,7 @@ from inference.bundle import (
 )
 from inference.datasets import Split, _read_grey
 from inference.preprocess import KEY, inference_transforms, training_transforms
+from inference.train import run_epoch, seed_everything
 
 log = logging.getLogger("inference.train_finding")
 
@@ -128,13 +129,6 @@ class _Images(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return image, torch.tensor([self.labels[i]])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    monai.utils.set_determinism(seed=seed)
-
-
 def load_folder(root: Path, positive: str) -> Split:
     """``labels.csv`` with ``path``/``image``, ``label`` and optional ``patient``."""
     with (root / "labels.csv").open() as fh:
@@ -195,22 +189,10 @@ def train_network(
         opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.2
     )
     for epoch in range(epochs):
-        network.train()
-        start, total = time.time(), 0.0
-        for batch, target in loader:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(network(batch), target)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
+        start = time.time()
+        loss = run_epoch(network, loader, loss_fn, opt, sched)
         log.info(
-            "%s epoch %d/%d loss %.4f (%.0fs)",
-            role,
-            epoch + 1,
-            epochs,
-            total / len(loader),
-            time.time() - start,
+            "%s epoch %d/%d loss %.4f (%.0fs)", role, epoch + 1, epochs, loss, time.time() - start
         )
     network.eval()
     return network, pos_weight
