@@ -499,7 +499,9 @@ def short_lease_worker(
 
     toml = "[worker]\npoll_interval = 60\njob_lease = 0.8\n"
     settings = settings_for(tmp_path, database_url, toml)
-    return Worker(settings, sessions, spool, jobs_wakeup=Wakeup(), analyzer_factory=lambda: analyzer)
+    return Worker(
+        settings, sessions, spool, jobs_wakeup=Wakeup(), analyzer_factory=lambda: analyzer
+    )
 
 
 def running_claims(sessions: sessionmaker[Session], job_id: int) -> int:
