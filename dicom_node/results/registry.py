@@ -33,7 +33,7 @@ Need = Literal["overlay", "cam", "mask", "priority"]
 * ``overlay`` — the rendered heatmap (none when Grad-CAM is switched off);
 * ``cam`` — the Grad-CAM map itself and the source's grid (``ImageResult.cam`` and
   ``image_shape``; none when Grad-CAM is switched off);
-* ``mask`` — the anatomy segmentation (``ImageResult.masks``; none when not computed);
+* ``mask`` — the anatomy segmentation (``ImageResult.masks``; none when not assessed);
 * ``priority`` — the study's priority level *after* this image's result counts, which is
   only known under the study lock: such outputs are built inside the pipeline's
   transaction, the others before it.
@@ -47,6 +47,7 @@ _BUILTIN: dict[str, str] = {
     "sr": "dicom_node.results.sr",
     "sc": "dicom_node.results.heatmap_sc",
     "pm": "dicom_node.results.parametric_map",  # off by default: rules ask for it
+    "seg": "dicom_node.results.seg",
 }
 
 
@@ -60,6 +61,9 @@ class BuildInputs:
     content_datetime: datetime.datetime  # pinned to the job: re-runs are byte-identical
     source_variant: str | None  # a changed source re-sent under its old UID
     priority: str | None = None  # the study's level; set only for types that need it
+    # Every output type written for this image: an SR references the SEG's segments only
+    # when the SEG is among them (no reference to an object that does not exist).
+    companions: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class OutputType:
             return False
         if "cam" in self.needs and (result.cam is None or result.image_shape is None):
             return False
-        return not ("mask" in self.needs and getattr(result, "masks", None) is None)
+        return not ("mask" in self.needs and result.masks is None)
 
     @property
     def needs_priority(self) -> bool:
