@@ -29,6 +29,16 @@ def finding_bundle_path(finding: str, role: str) -> Path:
     return BUNDLES_DIR / f"cxr_{finding}_{role}_{network}"
 
 
+SEGMENT_BUNDLE = BUNDLES_DIR / "cxr_anatomy_segment_unet"
+MEASURED_FINDINGS = ("cardiomegaly",)
+"""Findings derived from the anatomy measurements of the segment bundle, not from a
+screen + confirm classifier pair (see :mod:`inference.cardiomegaly`)."""
+
+
+def is_measured(finding: str) -> bool:
+    return finding in MEASURED_FINDINGS
+
+
 GATE = "models/gate.pt"
 CHUNK = 1 << 20
 

@@ -13,7 +13,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from inference.cascade import NOT_ASSESSED, NOT_SCORED, SCORED, Cascade
+from inference.cascade import NOT_SCORED, SCORED, Cascade
+from inference.findings import NOT_ASSESSED
 from inference.population import ImageFacts, Population, parse_age_string, patient_age_years
 
 PEDIATRIC = Population(age_min=1, age_max=5, views=("PA", "AP"), modalities=("CR", "DX"))
