@@ -64,7 +64,7 @@ from dicom_node.dispatch import (
 from dicom_node.dispatch.base import field_error, validate_ae_title
 from dicom_node.rules import Rule, RuleError, RuleSet, check_rules
 from dicom_node.tls import KeyMaterialError, check_key_material, server_context
-from inference.manifest import finding_bundle_path
+from inference.manifest import SEGMENT_BUNDLE, finding_bundle_path, is_measured
 
 ENV_PREFIX = "DICOM_NODE_"
 CONFIG_ENV = "DICOM_NODE_CONFIG"
@@ -306,10 +306,11 @@ class InferenceSettings(_Section):
     """
 
     findings: list[str] = Field(
-        default_factory=lambda: ["pneumonia"],
+        default_factory=lambda: ["pneumonia", "cardiomegaly"],
         min_length=1,
-        description="Findings in force, each a shipped screen + confirm bundle pair; the "
-        "first one's screen also carries the image gate.",
+        description="Findings in force: each a shipped screen + confirm bundle pair (the "
+        "first one's screen also carries the image gate), or a finding measured from the "
+        "anatomy (cardiomegaly, from the cardiothoracic ratio).",
     )
     screen_bundle: Path | None = Field(
         None, description="Screen bundle of the first finding; default: shipped."
@@ -327,6 +328,29 @@ class InferenceSettings(_Section):
     threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0 = all cores.")
     heatmaps: bool = Field(True, description="Compute Grad-CAM heatmaps.")
     batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass.")
+    anatomy: bool = Field(
+        True, description="Segment heart and lungs: measurements (CTR, widths, areas), SEG."
+    )
+    segment_bundle: Path | None = Field(None, description="Segmentation bundle; default: shipped.")
+    anatomy_gate: bool = Field(
+        True,
+        description="Refuse images whose segmentation finds no plausible pair of lungs "
+        "(not scored as a chest radiograph).",
+    )
+    overlay_outlines: bool = Field(True, description="Draw lung and heart outlines on the SC.")
+    overlay_ctr_lines: bool = Field(
+        True, description="Draw the cardiothoracic ratio's two widths and value on the SC."
+    )
+    explanation_min_lung_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the Grad-CAM inside the lung fields below which the SR warns "
+        "that the model looked mostly outside the lungs.",
+    )
+    cardiomegaly_ratio: float = Field(
+        0.5, gt=0, lt=1, description="Cardiothoracic ratio above which cardiomegaly is present."
+    )
 
     def cascade_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :meth:`inference.cascade.Cascade.load`."""
@@ -334,7 +358,17 @@ class InferenceSettings(_Section):
             "findings": tuple(self.findings),
             "heatmaps": self.heatmaps,
             "device": self.device,
+            "anatomy": self.anatomy,
+            "anatomy_options": {
+                "gate": self.anatomy_gate,
+                "outlines": self.overlay_outlines,
+                "ctr_lines": self.overlay_ctr_lines,
+                "min_lung_share": self.explanation_min_lung_share,
+                "cardiomegaly_ratio": self.cardiomegaly_ratio,
+            },
         }
+        if self.segment_bundle is not None:
+            kwargs["segment_path"] = self.segment_bundle
         if self.screen_bundle is not None:
             kwargs["screen_path"] = self.screen_bundle
         if self.confirm_bundle is not None:
@@ -348,9 +382,16 @@ class InferenceSettings(_Section):
     @field_validator("findings")
     @classmethod
     def _known_findings(cls, value: list[str]) -> list[str]:
-        """Each finding must have its shipped bundle pair (checked without torch)."""
+        """Each finding must have its shipped bundles (checked without torch); the first
+        must be a classifier (its screen carries the image gate)."""
         names = list(dict.fromkeys(name.strip() for name in value))
+        if is_measured(names[0]):
+            raise ValueError(f"the first finding must be a classifier finding, not {names[0]!r}")
         for name in names:
+            if is_measured(name):
+                if not (SEGMENT_BUNDLE / "configs" / "metadata.json").is_file():
+                    raise ValueError(f"no shipped segment bundle for finding {name!r}")
+                continue
             for role in ("screen", "confirm"):
                 if not (finding_bundle_path(name, role) / "configs" / "metadata.json").is_file():
                     raise ValueError(f"no shipped {role} bundle for finding {name!r}")
@@ -427,10 +468,12 @@ class FindingPriority(_Section):
 
 def _default_findings() -> dict[str, FindingPriority]:
     """Pneumonia escalates to STAT; pulmonary tuberculosis to URGENT at most: it calls for
-    airborne isolation and a read today, not for the next minute."""
+    airborne isolation and a read today, not for the next minute. Cardiomegaly never
+    escalates a study (a chronic finding, read in turn) and weighs little in its score."""
     return {
         "pneumonia": FindingPriority(),
         "tuberculosis": FindingPriority(code="154283005", highest="urgent"),
+        "cardiomegaly": FindingPriority(code="8186001", weight=0.2, highest="routine"),
     }
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 from dicom_node.config import Settings
 from inference.manifest import (
+    SEGMENT_BUNDLE,
     WEIGHTS,
     BundleError,
     finding_bundle_path,
     hashed_size,
+    is_measured,
     read_metadata,
 )
 
@@ -27,18 +29,20 @@ from inference.manifest import (
 class ConfiguredBundle:
     """One bundle slot of the cascade: its finding, role, where it lies, the override."""
 
-    role: str  # "screen" | "confirm"
+    role: str  # "screen" | "confirm" | "segment"
     path: Path
     threshold_override: float | None
     finding: str = "pneumonia"
 
 
 def configured_bundles(settings: Settings) -> list[ConfiguredBundle]:
-    """Screen then confirm of each finding in force, as ``[inference]`` sets them (default:
-    the shipped bundles; paths and threshold overrides apply to the first finding)."""
+    """Screen then confirm of each classifier finding in force, as ``[inference]`` sets
+    them (default: the shipped bundles; paths and threshold overrides apply to the first
+    finding), then the segmentation when the anatomy or a measured finding is on."""
     inference = settings.inference
     slots = []
-    for n, finding in enumerate(inference.findings):
+    classified = [f for f in inference.findings if not is_measured(f)]
+    for n, finding in enumerate(classified):
         first = n == 0
         slots += [
             ConfiguredBundle(
@@ -54,6 +58,10 @@ def configured_bundles(settings: Settings) -> list[ConfiguredBundle]:
                 finding,
             ),
         ]
+    measured = [f for f in inference.findings if is_measured(f)]
+    if inference.anatomy or measured:
+        path = inference.segment_bundle or SEGMENT_BUNDLE
+        slots.append(ConfiguredBundle("segment", path, None, "+".join(["anatomy", *measured])))
     return slots
 
 

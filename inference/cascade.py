@@ -14,8 +14,8 @@ Nothing here raises for a bad image: each input gets an :class:`ImageResult` who
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,65 +23,31 @@ import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
-from inference import explain, gate
+from inference import anatomy, explain, gate
+from inference.anatomy import Anatomy
 from inference.bundle import Bundle, Label, load_bundle
+from inference.cardiomegaly import CardiomegalyRule
 from inference.decode import DecodedImage, DecodeError, decode
-from inference.manifest import finding_bundle_path
+from inference.findings import Finding, NotAssessed
+from inference.manifest import finding_bundle_path, is_measured
 from inference.population import UNKNOWN, ImageFacts, Population
 from inference.preprocess import inference_transforms, to_network_input
+from inference.segment import Segmenter, SegmentInput
 
 SCORED, NOT_SCORED, ERROR = "scored", "not_scored", "error"
-ASSESSED, NOT_ASSESSED = "assessed", "not_assessed"
 POLARITY_FLIP = 0.5  # probe probability above which the image is taken as inverted
-DEFAULT_FINDINGS = ("pneumonia",)  # the shipped findings (tuberculosis: see its card)
+DEFAULT_FINDINGS = ("pneumonia", "cardiomegaly")  # shipped (tuberculosis: see its card)
 
 
 @dataclass(frozen=True)
-class Finding:
-    """An assessed finding: the probability of the stage that made the final call."""
+class AnatomyOptions:
+    """How the heart and lung segmentation is used (``[inference]`` settings)."""
 
-    label: Label
-    probability: float
-    present: bool
-    stage: str  # "screen" | "confirm"
-    threshold: float
-    model_name: str  # the bundle that made the call (TID 4019 Algorithm Name)
-    model_version: str  # its version (TID 4019 Algorithm Version)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.label.code,
-            "scheme": self.label.scheme,
-            "meaning": self.label.meaning,
-            "status": ASSESSED,
-            "reason": None,
-            "probability": round(self.probability, 6),
-            "present": self.present,
-            "stage": self.stage,
-            "threshold": round(self.threshold, 6),
-            "model": f"{self.model_name} {self.model_version}",
-        }
-
-
-@dataclass(frozen=True)
-class NotAssessed:
-    """A finding in force that was not assessed on this image, and why (no probability)."""
-
-    label: Label
-    reason: str
-    model_name: str
-    model_version: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.label.code,
-            "scheme": self.label.scheme,
-            "meaning": self.label.meaning,
-            "status": NOT_ASSESSED,
-            "reason": self.reason,
-            "present": False,
-            "model": f"{self.model_name} {self.model_version}",
-        }
+    gate: bool = True  # no plausible pair of lungs: not scored as a chest radiograph
+    outlines: bool = True  # draw the lung and heart outlines on the overlay
+    ctr_lines: bool = True  # draw the two widths of the ratio and its value
+    min_lung_share: float = 0.5  # Grad-CAM share inside the lungs below which the SR warns
+    cardiomegaly_ratio: float | None = None  # None: the bundle's (0.50)
 
 
 @dataclass(frozen=True)
@@ -118,9 +84,24 @@ class ImageResult:
     warnings: list[str] = field(default_factory=list)
     cam: np.ndarray | None = None  # Grad-CAM map [0, 1] on the network's input grid
     overlay: np.ndarray | None = None  # uint8 RGB for the secondary capture
+    anatomy: Anatomy | None = None  # heart and lung masks and measurements
+    explained: Label | None = None  # the finding the Grad-CAM map explains
     spacing_mm: tuple[float, float] | None = None
     image_shape: tuple[int, int] | None = None  # rows × columns of the source
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def explained_finding(self) -> Finding | None:
+        """The assessed finding the heatmap explains (None: no heatmap)."""
+        return next((f for f in self.findings if f.label == self.explained), None)
+
+    @property
+    def masks(self) -> np.ndarray | None:
+        """Heart, right and left lung masks (bool, 3 × S × S on the segmentation grid),
+        only when the anatomy was assessed: what the SEG output is built from."""
+        if self.anatomy is None or not self.anatomy.assessed:
+            return None
+        return self.anatomy.masks
 
     @property
     def heatmap(self) -> np.ndarray | None:
@@ -146,6 +127,10 @@ class ImageResult:
             "in_domain": self.in_domain,
             "ood_distance": None if self.ood_distance is None else round(self.ood_distance, 3),
             "warnings": self.warnings,
+            "anatomy": None if self.anatomy is None else self.anatomy.as_dict(),
+            "measurements": [m.as_dict() for m in self.anatomy.measurements]
+            if self.anatomy is not None
+            else [],
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
         }
 
@@ -175,7 +160,13 @@ class Cascade:
     """
 
     def __init__(
-        self, findings: Sequence[FindingModels], heatmaps: bool = True, device: str = "cpu"
+        self,
+        findings: Sequence[FindingModels],
+        heatmaps: bool = True,
+        device: str = "cpu",
+        segmenter: Segmenter | None = None,
+        cardiomegaly: CardiomegalyRule | None = None,
+        anatomy_options: AnatomyOptions | None = None,
     ) -> None:
         if not findings:
             raise ValueError("at least one finding must be in force")
@@ -191,6 +182,11 @@ class Cascade:
         gated = [f for f in self.findings if f.screen.gate]
         self.gate_finding = gated[0] if gated else self.findings[0]
         self.transforms: dict[int, Any] = {}
+        self.segmenter = segmenter
+        if cardiomegaly is not None and segmenter is None:
+            raise ValueError("cardiomegaly needs the heart and lung segmentation")
+        self.cardiomegaly = cardiomegaly
+        self.anatomy_options = anatomy_options or AnatomyOptions()
 
     @property
     def screen(self) -> Bundle:
@@ -202,7 +198,16 @@ class Cascade:
         return self.gate_finding.confirm
 
     def bundles(self) -> list[Bundle]:
-        return [b for f in self.findings for b in (f.screen, f.confirm)]
+        segment = [self.segmenter.bundle] if self.segmenter else []
+        return [b for f in self.findings for b in (f.screen, f.confirm)] + segment
+
+    def labels_in_force(self) -> list[tuple[Label, str, str]]:
+        """Every finding in force: its label and the model (name, version) answering it."""
+        labels = [(f.label, f.screen.name, f.screen.version) for f in self.findings]
+        if self.cardiomegaly is not None:
+            rule = self.cardiomegaly
+            labels.append((rule.label, rule.model_name, rule.model_version))
+        return labels
 
     @classmethod
     def load(
@@ -214,11 +219,29 @@ class Cascade:
         confirm_thresholds: dict[str, float] | None = None,
         heatmaps: bool = True,
         device: str = "cpu",
+        anatomy: bool = True,
+        segment_path: Path | None = None,
+        anatomy_options: Mapping[str, Any] | None = None,
     ) -> Cascade:
         """The shipped bundles of ``findings``; ``screen_path``/``confirm_path`` and the
-        threshold overrides apply to the first finding (the one with the gate)."""
+        threshold overrides apply to the first finding (the one with the gate).
+
+        Measured findings (cardiomegaly) come from the segmentation bundle, which is
+        loaded when ``anatomy`` is on or such a finding is in force.
+        """
+        measured = [name for name in findings if is_measured(name)]
+        classified = [name for name in findings if not is_measured(name)]
+        if not classified:
+            raise ValueError("at least one classifier finding must be in force (the gate)")
+        options = AnatomyOptions(**(anatomy_options or {}))
+        segmenter = Segmenter.load(segment_path, device) if anatomy or measured else None
+        rule = (
+            CardiomegalyRule.from_bundle(segmenter.bundle, options.cardiomegaly_ratio)
+            if segmenter is not None and "cardiomegaly" in measured
+            else None
+        )
         loaded = []
-        for n, name in enumerate(findings):
+        for n, name in enumerate(classified):
             screen = screen_path if n == 0 and screen_path else finding_bundle_path(name, "screen")
             confirm = (
                 confirm_path if n == 0 and confirm_path else finding_bundle_path(name, "confirm")
@@ -232,7 +255,7 @@ class Cascade:
                     population=Population.from_metadata(screen_bundle.metadata.get("population")),
                 )
             )
-        return cls(loaded, heatmaps, device)
+        return cls(loaded, heatmaps, device, segmenter, rule, options)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -255,15 +278,10 @@ class Cascade:
         """Every finding in force is accounted for: one the image never reached (refused
         by the gate, undecodable) is not assessed, for the image's reason."""
         named = {f.label for f in result.findings} | {n.label for n in result.not_assessed}
-        for finding in self.findings:
-            if finding.label not in named:
+        for label, model_name, model_version in self.labels_in_force():
+            if label not in named:
                 result.not_assessed.append(
-                    NotAssessed(
-                        finding.label,
-                        result.reason or "not scored",
-                        finding.screen.name,
-                        finding.screen.version,
-                    )
+                    NotAssessed(label, result.reason or "not scored", model_name, model_version)
                 )
         return result
 
@@ -321,7 +339,7 @@ class Cascade:
     def _run(self, items: list[_Item], check_population: bool = True) -> None:
         self._screen_with_gate(items)
         self._correct_polarity(items)
-        scored = self._gate_features(items)
+        scored = self._segment(self._gate_features(items))
         for finding in self.findings:
             eligible = []
             for it in scored:
@@ -343,6 +361,13 @@ class Cascade:
             )
             for it in eligible:
                 it.result.findings.append(self._finding(it, finding))
+        if self.cardiomegaly is not None:
+            for it in scored:
+                outcome = self.cardiomegaly.assess(it.result.anatomy, it.facts)
+                if isinstance(outcome, Finding):
+                    it.result.findings.append(outcome)
+                else:
+                    it.result.not_assessed.append(outcome)
         for it in scored:
             if not it.result.findings:
                 it.result.status = NOT_SCORED
@@ -351,6 +376,35 @@ class Cascade:
                 )
         if self.heatmaps:
             self._explain([it for it in scored if it.result.findings])
+
+    def _segment(self, items: list[_Item]) -> list[_Item]:
+        """Heart and lung masks (and measurements) for the images still in; with the
+        anatomy gate on, those without a plausible pair of lungs are refused here."""
+        if self.segmenter is None or not items:
+            return items
+        start = time.perf_counter()
+        found = self.segmenter.analyze(
+            [
+                SegmentInput(
+                    it.image.pixels, it.facts, it.image.spacing_mm, it.image.spacing_source
+                )
+                for it in items
+            ]
+        )
+        elapsed = (time.perf_counter() - start) * 1000 / len(items)
+        kept = []
+        for it, result in zip(items, found, strict=True):
+            it.result.anatomy = result
+            it.result.timings_ms["segment"] = elapsed
+            problem = anatomy.lung_problem(result.masks) if self.anatomy_options.gate else None
+            if problem is None:
+                kept.append(it)
+            else:
+                it.result.status = NOT_SCORED
+                it.result.reason = (
+                    f"{problem}: no plausible pair of lung fields, not scored as a chest radiograph"
+                )
+        return kept
 
     def _batch(self, items: list[_Item], size: int) -> torch.Tensor:
         return torch.stack([self._tensor(it, size) for it in items]).to(self.device)
@@ -453,15 +507,22 @@ class Cascade:
         )
 
     def _explain(self, items: list[_Item]) -> None:
-        """Grad-CAM of the finding that matters most on each image (the highest
-        probability among the assessed ones), on the network that made its call; images
-        are batched per network."""
+        """Grad-CAM of the classifier finding that matters most on each image (the
+        highest probability among the assessed ones), on the network that made its call;
+        images are batched per network. An image with only measured findings gets the
+        overlay without a heatmap (outlines and the ratio's widths)."""
         by_bundle: dict[str, tuple[Bundle, list[tuple[_Item, Finding]]]] = {}
+        classifier_labels = {f.label: f for f in self.findings}
         for it in items:
-            top = max(it.result.findings, key=lambda f: f.probability)
-            models = next(f for f in self.findings if f.label == top.label)
+            classified = [f for f in it.result.findings if f.label in classifier_labels]
+            if not classified:
+                self._measured_overlay(it)
+                continue
+            top = max(classified, key=lambda f: f.probability)
+            models = classifier_labels[top.label]
             bundle = models.confirm if top.stage == "confirm" else models.screen
             by_bundle.setdefault(bundle.name, (bundle, []))[1].append((it, top))
+        options = self.anatomy_options
         for bundle, group in by_bundle.values():
             start = time.perf_counter()
             batch = self._batch([it for it, _ in group], bundle.input_size)
@@ -470,10 +531,51 @@ class Cascade:
             for (it, top), cam in zip(group, maps, strict=True):
                 it.result.cam = cam.numpy()
                 it.result.image_shape = it.image.pixels.shape
+                it.result.explained = top.label
+                self._check_explanation(it, top)
                 caption = (
                     f"{top.label.meaning} p={top.probability:.2f} "
                     f"({top.stage}, {bundle.identity()})"
                 )
                 # Rendered from the network-grid map: the overlay is smaller than the image.
-                it.result.overlay = explain.render_overlay(it.image.pixels, cam.numpy(), caption)
+                it.result.overlay = explain.render_overlay(
+                    it.image.pixels,
+                    cam.numpy(),
+                    caption,
+                    it.result.anatomy,
+                    options.outlines,
+                    options.ctr_lines,
+                )
                 it.result.timings_ms["gradcam"] = elapsed
+
+    def _check_explanation(self, it: _Item, explained: Finding) -> None:
+        """Where the heatmap lies: its share inside the lung fields and the heart, on the
+        explained finding; a warning when the model looked mostly outside the lungs."""
+        found, cam = it.result.anatomy, it.result.cam
+        if found is None or cam is None or anatomy.lung_problem(found.masks) is not None:
+            return
+        lungs = found.mask(anatomy.RIGHT_LUNG) | found.mask(anatomy.LEFT_LUNG)
+        lung_share = anatomy.cam_share(cam, lungs)
+        heart_share = anatomy.cam_share(cam, found.mask(anatomy.HEART))
+        checked = replace(explained, cam_lung_share=lung_share, cam_heart_share=heart_share)
+        it.result.findings[it.result.findings.index(explained)] = checked
+        if lung_share is not None and lung_share < self.anatomy_options.min_lung_share:
+            it.result.warnings.append(
+                f"the model looked mostly outside the lungs: {lung_share:.0%} of the "
+                f"{explained.label.meaning.lower()} heatmap lies inside the lung fields"
+            )
+
+    def _measured_overlay(self, it: _Item) -> None:
+        """The annotated image for an image whose findings are all measured."""
+        found = it.result.anatomy
+        if found is None or not found.assessed or found.ctr is None:
+            return
+        caption = f"Cardiothoracic ratio {found.ctr:.2f} ({found.model_name} {found.model_version})"
+        it.result.overlay = explain.render_overlay(
+            it.image.pixels,
+            None,
+            caption,
+            found,
+            self.anatomy_options.outlines,
+            self.anatomy_options.ctr_lines,
+        )

@@ -12,7 +12,7 @@ restart loses nothing.
 * ``cxr_node_sends{destination,state}`` — the outbox by destination and state;
 * ``cxr_node_model_info{role,name,version,sha256}`` — the configured bundles;
 * ``cxr_node_stage_duration_seconds{stage}`` — histogram of the per-stage timings every
-  result keeps (``results.timings_ms``: preprocess, screen, confirm, gradcam, and job =
+  result keeps (``results.timings_ms``: preprocess, screen, segment, confirm, gradcam, and job =
   the whole job in its worker). Built at scrape time with one aggregate statement over
   all results, so it is cumulative like any Prometheus histogram and ``rate()`` works;
   a re-run job replaces its result's timings, which is rare enough not to matter;
