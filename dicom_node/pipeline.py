@@ -204,10 +204,11 @@ class Pipeline:
             types = output_types(work.decision.outputs)
             early = [t for t in types if not t.needs_priority]
             late = [t for t in types if t.needs_priority]
-            outputs = self._write_outputs(work, result, early, None)
+            made = frozenset(t.name for t in types if t.applies_to(result))
+            outputs = self._write_outputs(work, result, early, None, made)
 
             def write_late(priority: StudyPriority) -> list[Output]:
-                return self._write_outputs(work, result, late, priority.report_value)
+                return self._write_outputs(work, result, late, priority.report_value, made)
 
             return _Outcome(JobState.DONE, None, record, outputs, write_late, destinations)
         state = JobState.FAILED if result.status == ERROR else JobState.SKIPPED
@@ -221,6 +222,7 @@ class Pipeline:
         result: ImageResult,
         types: Sequence[OutputType],
         priority: str | None,
+        made: frozenset[str],
     ) -> list[Output]:
         if not types:
             return []
@@ -233,6 +235,7 @@ class Pipeline:
             content_datetime=job.created_at.astimezone().replace(tzinfo=None),
             source_variant=job.sha256 if job.version > 1 else None,
             priority=priority,
+            companions=made,
         )
         return write_outputs(self.context.spool, build_outputs(types, inputs))
 
@@ -251,6 +254,9 @@ class Pipeline:
             ood_distance=result.ood_distance,
             warnings=list(result.warnings),
             timings_ms={key: round(value, 1) for key, value in timings.items()},
+            measurements=[m.as_dict() for m in result.anatomy.measurements]
+            if result.anatomy is not None
+            else [],
         )
 
     # -- the transaction: record → re-prioritise → fan out --------------------------------

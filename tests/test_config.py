@@ -282,7 +282,7 @@ def test_no_rules_means_the_built_in_default(tmp_path: Path) -> None:
                 'destinations = ["pacs"]', 'destinations = ["pacs"]\noutputs = ["pdf"]'
             ),
             "rules.1.outputs",
-            "unknown output type 'pdf' (known: pm, sc, sr)",
+            "unknown output type 'pdf' (known: pm, sc, seg, sr)",
         ),
         ("[worker]\nthreads = -1\n", "worker.threads", "greater than or equal to 0"),
     ],
@@ -311,7 +311,7 @@ receiving_facility = "RADIOLOGY"
     assert isinstance(pacs, DicomDestination) and isinstance(ris, Hl7Destination)
     assert (pacs.delivers, ris.delivers) == ("objects", "study_events")
     assert ris.receiving_facility == "RADIOLOGY" and ris.timeout("connect") == 30
-    assert [rule.outputs for rule in settings.rules] == [("sr", "sc"), ("sr",)]
+    assert [rule.outputs for rule in settings.rules] == [("sr", "sc", "seg"), ("sr",)]
     again = load_settings(write(tmp_path / "shown.toml", to_toml(settings)))
     assert again.destinations == settings.destinations and again.rules == settings.rules
 

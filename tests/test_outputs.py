@@ -57,8 +57,8 @@ def test_builtin_types_and_their_needs() -> None:
     assert sr.sop_class_uid == "1.2.840.10008.5.1.4.1.1.88.34"
     assert sc.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"
     assert check_output_names(["sc", " sr", "sc"]) == ("sc", "sr")
-    with pytest.raises(ValueError, match="unknown output type 'seg'"):
-        check_output_names(["sr", "seg"])
+    with pytest.raises(ValueError, match="unknown output type 'pdf'"):
+        check_output_names(["sr", "pdf"])
 
 
 def test_a_rule_with_outputs_sr_gets_no_heatmap(

@@ -330,7 +330,7 @@ def test_other_model_version_other_uids() -> None:
 
 
 def test_pm_is_an_output_type_off_by_default() -> None:
-    assert DEFAULT_OUTPUTS == ("sr", "sc")
+    assert DEFAULT_OUTPUTS == ("sr", "sc", "seg")
     assert check_output_names(["sr", "sc", "pm"]) == ("sr", "sc", "pm")
     pm = get_output_type("pm")
     assert pm.sop_class_uid == ParametricMapStorage

@@ -546,10 +546,10 @@ def test_check_rules_is_the_one_check_of_names_and_references() -> None:
 class TestOutputs:
     def test_default_outputs(self) -> None:
         rules = rule_set({"name": "all", "pipeline": "cxr-cascade"})
-        assert rules.rules[0].outputs == ("sr", "sc")
+        assert rules.rules[0].outputs == ("sr", "sc", "seg")
         decision = evaluate(rules, make_ds())
-        assert decision.outputs == ("sr", "sc")
-        assert DEFAULT_RULE.outputs == ("sr", "sc")
+        assert decision.outputs == ("sr", "sc", "seg")
+        assert DEFAULT_RULE.outputs == ("sr", "sc", "seg")
 
     def test_rule_names_its_outputs(self) -> None:
         rules = rule_set({"name": "sr-only", "pipeline": "cxr-cascade", "outputs": ["sr"]})
@@ -582,7 +582,7 @@ class TestOutputs:
             )
         (error,) = info.value.errors()
         assert error["loc"] == ("rules", 1, "outputs")
-        assert "unknown output type 'dicom-seg' (known: pm, sc, sr)" in error["msg"]
+        assert "unknown output type 'dicom-seg' (known: pm, sc, seg, sr)" in error["msg"]
 
 
 # ----------------------------------------------------------------- default rule, real files
@@ -650,7 +650,7 @@ def test_rules_test_report(tmp_path: Path) -> None:
     assert [entry["pipeline"] for entry in report] == [PIPELINE_CASCADE, PIPELINE_NONE, None]
     assert report[0]["rule"] == DEFAULT_RULE.name
     assert report[0]["destinations"] == ["pacs"]
-    assert report[0]["outputs"] == ["sr", "sc"]
+    assert report[0]["outputs"] == ["sr", "sc", "seg"]
     assert report[1]["outputs"] == [] and report[2]["outputs"] == []
     assert report[1]["trace"][0]["matched"] is False
     assert report[2]["error"].startswith("not a DICOM file")

@@ -207,7 +207,7 @@ def test_segments_are_heart_right_lung_left_lung_by_number(tmp_path: Path) -> No
     for segment, structure in zip(seg.SegmentSequence, STRUCTURES, strict=True):
         assert segment.SegmentLabel == structure.meaning
         category = segment.SegmentedPropertyCategoryCodeSequence[0]
-        assert (category.CodeValue, category.CodingSchemeDesignator) == ("91723000", "SCT")
+        assert (category.CodeValue, category.CodingSchemeDesignator) == ("123037004", "SCT")
         assert category.CodeMeaning == "Anatomical Structure"
         kind = segment.SegmentedPropertyTypeCodeSequence[0]
         assert (kind.CodeValue, kind.CodingSchemeDesignator, kind.CodeMeaning) == (

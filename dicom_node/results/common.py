@@ -240,3 +240,16 @@ def without_person_names(header: Dataset) -> Dataset:
     for keyword in PERSON_NAMES:
         setattr(blanked, keyword, None)
     return blanked
+
+
+def pin_dimension_organization(ds: Dataset) -> None:
+    """Dimension Organization UID derived from the object's own UID, not random.
+
+    highdicom draws a new UID for every multi-frame object it builds; pinned, the same
+    inputs give the same bytes (re-runs of a job write the object the archive holds).
+    """
+    organization = derived_uid("dimension-organization", str(ds.SOPInstanceUID))
+    for item in ds.DimensionOrganizationSequence:
+        item.DimensionOrganizationUID = organization
+    for item in ds.DimensionIndexSequence:
+        item.DimensionOrganizationUID = organization

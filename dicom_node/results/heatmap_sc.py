@@ -88,6 +88,9 @@ def heatmap_secondary_capture(
     or belongs to another image.
     """
     overlay = _check_overlay(source, result)
+    explained = result.explained_finding
+    heatmap = explained is not None  # else: an anatomy-only annotation (measured findings)
+    finding = explained or result.findings[0]
     equipment = equipment or Equipment()
     header = source_header(source)
     uids = result_uids(header, "sc", model_identities(result.findings), source_variant)
@@ -116,7 +119,10 @@ def heatmap_secondary_capture(
         contributing_equipment=[
             *_acquisition_equipment(header),
             *algorithm_equipment(
-                [Algorithm.of(result.findings[0])], equipment, moment, "Grad-CAM heatmap"
+                [Algorithm.of(finding)],
+                equipment,
+                moment,
+                "Grad-CAM heatmap" if heatmap else "Anatomy annotation",
             ),
         ],
     )
@@ -125,7 +131,7 @@ def heatmap_secondary_capture(
     sc.copy_patient_and_study_information(header)
     _copy_series_and_image(sc, header, modality)
     _describe_capture(sc, equipment, moment)
-    _describe_derivation(sc, header, result.findings[0], overlay)
+    _describe_derivation(sc, header, finding, overlay, heatmap)
     return sc
 
 
@@ -198,18 +204,23 @@ def _describe_capture(sc: SCImage, equipment: Equipment, moment: datetime.dateti
 
 
 def _describe_derivation(
-    sc: SCImage, header: Dataset, finding: Finding, overlay: np.ndarray
+    sc: SCImage, header: Dataset, finding: Finding, overlay: np.ndarray, heatmap: bool
 ) -> None:
     """Image Type, Source Image Sequence and derivation (General Image, PS3.3 C.7.6.1)."""
     resampled = overlay.shape[:2] != (header.get("Rows"), header.get("Columns"))
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = IMAGE_COMMENTS
-    sc.DerivationDescription = (
+    what = (
         f"Grad-CAM heatmap of {finding.model_name} {finding.model_version} "
-        f"({finding.stage} stage, {finding.label.meaning}) blended over the source "
-        f"radiograph{', spatially resampled' if resampled else ''}; "
-        "burned-in AI-generated marking and colour legend"
+        f"({finding.stage} stage, {finding.label.meaning}) blended over"
+        if heatmap
+        else f"Heart and lung outlines and cardiothoracic ratio widths of "
+        f"{finding.model_name} {finding.model_version} drawn on"
+    )
+    sc.DerivationDescription = (
+        f"{what} the source radiograph{', spatially resampled' if resampled else ''}; "
+        f"burned-in AI-generated marking{' and colour legend' if heatmap else ''}"
     )[:1024]
     if resampled:
         sc.DerivationCodeSequence = [SPATIAL_RESAMPLING]

@@ -57,6 +57,7 @@ from dicom_node.results.common import (
     Equipment,
     algorithm_equipment,
     instance_number,
+    pin_dimension_organization,
     source_header,
     without_person_names,
 )
@@ -106,7 +107,7 @@ def heatmap_parametric_map(
     not on the source's grid, or when the result belongs to another image.
     """
     heatmap = _check_heatmap(source, result)
-    finding = result.findings[0]  # the heatmap explains the first finding, as the SC's
+    finding = result.explained_finding or result.findings[0]
     equipment = equipment or Equipment()
     header = source_header(source)
     uids = result_uids(header, "pm", model_identities(result.findings), source_variant)
@@ -272,11 +273,7 @@ def _complete(pm: ParametricMap, finding: Finding, palette: bool) -> None:
         pm.SharedFunctionalGroupsSequence[0].StoredValueColorRangeSequence = [color_range]
     pm.Modality = PM_MODALITY
     pm.BodyPartExamined = CHEST
-    organization = derived_uid("dimension-organization", str(pm.SOPInstanceUID))
-    for item in pm.DimensionOrganizationSequence:
-        item.DimensionOrganizationUID = organization
-    for item in pm.DimensionIndexSequence:
-        item.DimensionOrganizationUID = organization
+    pin_dimension_organization(pm)
     pm.DerivationDescription = (
         f"Grad-CAM of {finding.model_name} {finding.model_version} ({finding.stage} stage, "
         f"{finding.label.meaning}) resampled onto the source grid"

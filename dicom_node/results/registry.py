@@ -39,8 +39,9 @@ Need = Literal["overlay", "cam", "mask", "priority"]
   transaction, the others before it.
 """
 
-DEFAULT_OUTPUTS: tuple[str, ...] = ("sr", "sc")
-"""What a rule without ``outputs`` writes: the SR, and the heatmap SC when there is one."""
+DEFAULT_OUTPUTS: tuple[str, ...] = ("sr", "sc", "seg")
+"""What a rule without ``outputs`` writes: the SR, the heatmap SC when there is one, and
+the anatomy SEG when the anatomy was assessed (adults)."""
 
 # name -> module that registers it on import
 _BUILTIN: dict[str, str] = {

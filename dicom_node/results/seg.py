@@ -25,10 +25,10 @@ Encoding (built with highdicom's ``Segmentation``, PS3.3 C.8.20):
   (:func:`inference.explain.to_original_grid`) and thresholded at 0.5, so a pixel of the
   SEG is a pixel of the radiograph (Derivation Image Sequence, Spatial Locations
   Preserved YES).
-* **Segment descriptions** (C.8.20.4.1): Segmented Property Category (91723000, SCT,
-  "Anatomical Structure"), the concept CID 7150 lists in the edition pydicom's code
-  dictionary follows (not 123037004, SNOMED CT's "Body structure", which pydicom maps to
-  the old SRT code T-D000A and lists in no context group), Segmented Property Type the
+* **Segment descriptions** (C.8.20.4.1): Segmented Property Category (123037004, SCT,
+  "Anatomical Structure"), the code current editions of CID 7150 use since SNOMED CT
+  retired 91723000 (which pydicom's older code dictionary still lists under that name),
+  Segmented Property Type the
   structure's own SNOMED CT code as :mod:`inference.anatomy` names it (80891009 "Heart",
   3341006 "Right lung", 44029006 "Left lung"; CID 7151 is extensible, and pre-coordinated
   sides keep the SR's finding sites and the segments one code each), Segment Label the code
@@ -73,11 +73,12 @@ from dicom_node.results.common import (
     Equipment,
     algorithm_equipment,
     instance_number,
+    pin_dimension_organization,
     source_header,
     without_person_names,
 )
 from dicom_node.results.registry import BuildInputs, OutputType, register
-from dicom_node.results.uids import derived_uid, segmentation_uids
+from dicom_node.results.uids import segmentation_uids
 from inference.anatomy import HEART, LEFT_LUNG, RIGHT_LUNG, STRUCTURES, Anatomy, Structure
 from inference.cascade import ImageResult
 from inference.explain import to_original_grid
@@ -89,8 +90,8 @@ CONTENT_LABEL = "ANATOMY"
 CONTENT_DESCRIPTION = "Heart shadow and lung fields"
 THRESHOLD = 0.5  # of the bilinear resample of a 0/1 mask
 
-ANATOMICAL_STRUCTURE = codes.cid7150.AnatomicalStructure
-"""Segmented Property Category of every segment: (91723000, SCT, "Anatomical Structure")."""
+ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+"""Segmented Property Category of every segment (CID 7150)."""
 ARTIFICIAL_INTELLIGENCE = codes.cid7162.ArtificialIntelligence
 """Algorithm Family of the segmentation model: (123110, DCM, "Artificial Intelligence")."""
 PROPERTY_TYPES: dict[str, Code] = {s.name: Code(s.code, "SCT", s.meaning) for s in STRUCTURES}
@@ -252,11 +253,7 @@ def _complete(seg: Segmentation, header: Dataset, anatomy: Anatomy, equipment: E
     seg.BodyPartExamined = CHEST
     if equipment.station_name:
         seg.StationName = equipment.station_name
-    organization = derived_uid("dimension-organization", str(seg.SOPInstanceUID))
-    for item in seg.DimensionOrganizationSequence:
-        item.DimensionOrganizationUID = organization
-    for item in seg.DimensionIndexSequence:
-        item.DimensionOrganizationUID = organization
+    pin_dimension_organization(seg)
     size = anatomy.masks.shape[1]
     seg.DerivationDescription = (
         f"Heart and lung masks of {anatomy.model_name} {anatomy.model_version} "

@@ -13,7 +13,14 @@ Structure (PS3.16 TID 1500 Measurement Report, built with highdicom's templates)
           Algorithm Identification (TID 4019): bundle name, version, threshold, stage
           NUM (122157, DCM, "Probability") = calibrated probability, UCUM "1"
           NUM (OODDIST, 99CXRAI) = input-gate distance              when measured
+          NUM (CAMLUNG / CAMHEART, 99CXRAI) = Grad-CAM share inside the lungs / heart
+                                                  for the explained finding, when known
           IMAGE Source (the radiograph)
+        with measured anatomy (adults), one group per structure, the structure as finding
+        site, each NUM's Source of Measurement also naming its SEG segments (when written):
+          Heart: NUM (CTR, 99CXRAI) "Cardiothoracic ratio" (UCUM 1), NUM Width (SCT
+                 103355008) in mm at finding site Heart, and at finding site Thorax
+          Right lung, Left lung: NUM Area (SCT 42798000) in cm2
       CONTAINER (C0034375, UMLS, "Qualitative Evaluations"):
         CODE <each finding> = (52101004, SCT, "Present") | (272519000, SCT, "Absent")
         CODE (INDOMAIN, 99CXRAI) = (373066001, SCT, "Yes") | (373067005, SCT, "No")
@@ -64,6 +71,7 @@ from highdicom.sr import (
     ContainerContentItem,
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
+    FindingSite,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
@@ -77,7 +85,7 @@ from highdicom.sr import (
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from dicom_node.results.common import (
     PRIVATE_SCHEME,
@@ -90,7 +98,16 @@ from dicom_node.results.common import (
     without_person_names,
 )
 from dicom_node.results.registry import BuildInputs, OutputType, register
-from dicom_node.results.uids import model_identities, result_uids, tracking_uid
+from dicom_node.results.uids import (
+    OutputUIDs,
+    derived_uid,
+    model_identities,
+    result_uids,
+    segmentation_uids,
+    tracking_uid,
+)
+from inference import anatomy
+from inference.anatomy import HEART, LEFT_LUNG, RIGHT_LUNG, STRUCTURES, Anatomy
 from inference.cascade import SCORED, Finding, ImageResult
 
 SR_SERIES_NUMBER = 9901
@@ -122,12 +139,27 @@ PRIORITY_VALUES = {
 STAGE_VALUES = {
     "screen": CodedConcept("SCREEN", PRIVATE_SCHEME, "Screening model"),
     "confirm": CodedConcept("CONFIRM", PRIVATE_SCHEME, "Confirmation model"),
+    "measurement": CodedConcept("MEASURED", PRIVATE_SCHEME, "Derived from a measurement"),
 }
 # Private codes (99CXRAI): no standard concept names these properties of the cascade.
 IN_DOMAIN = CodedConcept("INDOMAIN", PRIVATE_SCHEME, "Image within model input domain")
 OOD_DISTANCE = CodedConcept(
     "OODDIST", PRIVATE_SCHEME, "Distance to training data (1 = refusal limit)"
 )
+CAM_LUNG_SHARE = CodedConcept("CAMLUNG", PRIVATE_SCHEME, "Heatmap share inside lung fields")
+CAM_HEART_SHARE = CodedConcept("CAMHEART", PRIVATE_SCHEME, "Heatmap share inside heart")
+UNITS = {
+    "1": NO_UNITS,
+    "mm": CodedConcept("mm", "UCUM", "millimeter"),
+    "cm2": CodedConcept("cm2", "UCUM", "square centimeter"),
+}
+THORAX = CodedConcept("816094009", "SCT", "Thorax")
+# The anatomy's measurement concepts (inference.anatomy: the ratio's private code, SNOMED
+# CT Width and Area), as the SR writes them; keyed by code value.
+MEASUREMENT_CONCEPTS = {
+    code: CodedConcept(code, scheme, meaning)
+    for _, code, scheme, meaning in (anatomy.CTR, anatomy.HEART_WIDTH, anatomy.AREA)
+}
 
 
 def measurement_report(
@@ -140,6 +172,7 @@ def measurement_report(
     series_description: str = SR_SERIES_DESCRIPTION,
     content_datetime: datetime.datetime | None = None,
     source_variant: str | None = None,
+    with_segmentation: bool = False,
 ) -> Comprehensive3DSR:
     """The TID 1500 Measurement Report of ``result`` for the radiograph ``source``.
 
@@ -152,25 +185,37 @@ def measurement_report(
     qualitative evaluation, and is part of the SOP Instance UID (a changed priority is a
     changed report). ``source_variant`` gives a changed source re-sent under its old
     SOP Instance UID outputs of its own (:func:`~dicom_node.results.uids.result_uids`).
+    With assessed anatomy, the heart and lung measurements follow the findings; they
+    reference the SEG's segments when ``with_segmentation`` (the SEG is written too).
     Raises ``ValueError`` for a result that was not scored, has no findings, or belongs
     to another image.
     """
     _check_result(source, result)
     equipment = equipment or Equipment()
     header = source_header(source)
-    uids = result_uids(
-        header, "sr", model_identities(result.findings), source_variant, priority=priority
+    models = model_identities(result.findings)
+    found = result.anatomy if result.anatomy is not None and result.anatomy.assessed else None
+    if found is not None:  # the measurements depend on the segmentation model too
+        models = sorted({*models, f"{found.model_name}|{found.model_version}|anatomy"})
+    uids = result_uids(header, "sr", models, source_variant, priority=priority)
+    seg = (
+        segmentation_uids(header, found.model_name, found.model_version, source_variant)
+        if found is not None and with_segmentation
+        else None
     )
+    groups = [_finding_group(header, result, f) for f in result.findings]
+    if found is not None:
+        groups += _anatomy_groups(header, found, seg)
     report = MeasurementReport(
         observation_context=_observation_context(equipment),
         procedure_reported=PROCEDURE_REPORTED,
-        imaging_measurements=[_finding_group(header, result, f) for f in result.findings],
+        imaging_measurements=groups,
         referenced_images=[header] if _describable(header) else None,
     )
     _add_qualitative_evaluations(report, _evaluations(result, priority))
     moment = content_datetime or datetime.datetime.now()
     sr = Comprehensive3DSR(
-        evidence=[without_person_names(header)],
+        evidence=[without_person_names(header), *_segmentation_evidence(header, seg)],
         content=report,
         series_instance_uid=uids.series_instance_uid,
         series_number=series_number,
@@ -197,6 +242,19 @@ def measurement_report(
     if equipment.station_name:
         sr.StationName = equipment.station_name
     return sr
+
+
+def _segmentation_evidence(header: Dataset, seg: OutputUIDs | None) -> list[Dataset]:
+    """The SEG as evidence (Current Requested Procedure Evidence Sequence): a document that
+    references an object must list it there (PS3.3 C.17.2.3)."""
+    if seg is None:
+        return []
+    stub = Dataset()
+    stub.SOPClassUID = SegmentationStorage
+    stub.SOPInstanceUID = seg.sop_instance_uid
+    stub.StudyInstanceUID = header.StudyInstanceUID
+    stub.SeriesInstanceUID = seg.series_instance_uid
+    return [stub]
 
 
 def _check_result(source: Dataset, result: ImageResult) -> None:
@@ -290,7 +348,93 @@ def _measurements(header: Dataset, result: ImageResult, finding: Finding) -> lis
                 referenced_images=source,
             )
         )
+    for name, share in (
+        (CAM_LUNG_SHARE, finding.cam_lung_share),
+        (CAM_HEART_SHARE, finding.cam_heart_share),
+    ):
+        if share is not None:
+            found.append(
+                Measurement(
+                    name=name, value=round(share, 4), unit=NO_UNITS, referenced_images=source
+                )
+            )
     return found
+
+
+def _anatomy_groups(
+    header: Dataset, found: Anatomy, seg: OutputUIDs | None
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    """The heart (ratio and widths) and each lung (area): one TID 1501 group per structure,
+    the structure as finding site, the segmentation model as TID 4019.
+
+    With the SEG written, each measurement's Source of Measurement (TID 300 row 7) lists,
+    besides the radiograph, the SEG segments it was measured on (Referenced Segment
+    Number in the Image SOP Instance Reference Macro): the heart for its width, both lungs
+    for the thoracic width, all three for the ratio, each lung for its area. (TID 1410's
+    referenced-segment row would carry one segment per group and is not what PixelMed's
+    template tables accept inside TID 1500 with our other rows.)
+    """
+    algorithm = AlgorithmIdentification(name=found.model_name, version=found.model_version)
+    by_name = {m.name: m for m in found.measurements}
+    radiograph = SourceImageForMeasurement.from_source_image(header)
+
+    def sources(segments: Sequence[int]) -> list[SourceImageForMeasurement]:
+        if seg is None:
+            return [radiograph]
+        reference = SourceImageForMeasurement(SegmentationStorage, seg.sop_instance_uid)
+        reference.ReferencedSOPSequence[0].ReferencedSegmentNumber = list(segments)
+        return [radiograph, reference]
+
+    def num(name: str, site: CodedConcept, segments: Sequence[int]) -> Measurement | None:
+        m = by_name.get(name)
+        if m is None:
+            return None
+        return Measurement(
+            name=MEASUREMENT_CONCEPTS[m.code],
+            value=round(m.value, 4),
+            unit=UNITS[m.unit],
+            finding_sites=[FindingSite(site)],
+            referenced_images=sources(segments),
+        )
+
+    number = {s.name: n for n, s in enumerate(STRUCTURES, start=1)}  # the SEG's segments
+    heart = CodedConcept(HEART.code, "SCT", HEART.meaning)
+    lungs = [number[RIGHT_LUNG.name], number[LEFT_LUNG.name]]
+    plan = [
+        (
+            HEART,
+            heart,
+            [
+                num("cardiothoracic_ratio", heart, [number[HEART.name], *lungs]),
+                num("heart_width", heart, [number[HEART.name]]),
+                num("thoracic_width", THORAX, lungs),
+            ],
+        )
+    ]
+    for structure in (RIGHT_LUNG, LEFT_LUNG):
+        site = CodedConcept(structure.code, "SCT", structure.meaning)
+        plan.append(
+            (structure, site, [num(f"{structure.name}_area", site, [number[structure.name]])])
+        )
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
+    for structure, site, measurements in plan:
+        present = [m for m in measurements if m is not None]
+        if present:
+            tracking = TrackingIdentifier(
+                uid=derived_uid("tracking", str(header.SOPInstanceUID), "anatomy", structure.code),
+                identifier=f"{structure.meaning} ({found.model_name})",
+            )
+            groups.append(
+                MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    finding_type=site,
+                    algorithm_id=algorithm,
+                    finding_sites=[FindingSite(site)],
+                    measurements=present,
+                    source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
+                )
+            )
+    return groups
 
 
 def _evaluations(
@@ -344,6 +488,7 @@ def _build(inputs: BuildInputs) -> Dataset:
         priority=inputs.priority,
         content_datetime=inputs.content_datetime,
         source_variant=inputs.source_variant,
+        with_segmentation="seg" in inputs.companions,
     )
 
 

@@ -32,7 +32,7 @@ from pydicom.uid import UID
 if TYPE_CHECKING:
     from inference.cascade import Finding
 
-OutputKind = Literal["sr", "sc", "pm"]
+OutputKind = Literal["sr", "sc", "pm", "seg"]
 
 # The namespace of every UID this node derives; changing it changes every output UID.
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-ai-node:dicom-results:v1")
@@ -96,6 +96,16 @@ def result_uids(
     series = derived_uid("series", str(source.SeriesInstanceUID), kind, *models)
     instance = derived_uid("instance", str(source.SOPInstanceUID), kind, *models, *extra)
     return OutputUIDs(series, instance)
+
+
+def segmentation_uids(
+    source: Dataset, model_name: str, model_version: str, source_variant: str | None = None
+) -> OutputUIDs:
+    """UIDs of the SEG of ``source`` made by the segmentation model ``name`` ``version``.
+
+    The SR references the SEG's segments by these UIDs, so both builders derive them here.
+    """
+    return result_uids(source, "seg", [f"{model_name}|{model_version}"], source_variant)
 
 
 def algorithm_uid(name: str, version: str, weights_sha256: str | None = None) -> UID:
