@@ -12,11 +12,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.files import NotDicomError, read_dicom_file
+from inference.anatomy import STRUCTURES
 from inference.cascade import ERROR, Cascade, ImageResult
 
 
@@ -61,8 +63,32 @@ def write_heatmap(result: ImageResult, path: Path, out_dir: Path) -> Path | None
     return target
 
 
-def result_record(path: Path, result: ImageResult, heatmap: Path | None) -> dict[str, Any]:
-    return {"file": str(path), **result.as_dict(), "heatmap": str(heatmap) if heatmap else None}
+def write_masks(result: ImageResult, path: Path, out_dir: Path) -> list[Path]:
+    """Heart, right and left lung masks on the source's grid, one 8-bit PNG (0/255) each,
+    named ``<instance>_<structure>.png``; nothing when the anatomy was not assessed."""
+    found = result.anatomy
+    if found is None or not found.assessed:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = heatmap_filename(path, result).removesuffix(".png")
+    written = []
+    for structure in STRUCTURES:
+        target = out_dir / f"{stem}_{structure.name}.png"
+        mask = found.mask_on_source(structure)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(target)
+        written.append(target)
+    return written
+
+
+def result_record(
+    path: Path, result: ImageResult, heatmap: Path | None, masks: list[Path] | None = None
+) -> dict[str, Any]:
+    return {
+        "file": str(path),
+        **result.as_dict(),
+        "heatmap": str(heatmap) if heatmap else None,
+        **({"masks": [str(m) for m in masks]} if masks is not None else {}),
+    }
 
 
 def to_json_line(record: dict[str, Any]) -> str:

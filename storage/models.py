@@ -282,6 +282,12 @@ class Result(Base):
     ood_distance: Mapped[float | None] = mapped_column(Float)
     warnings: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
     timings_ms: Mapped[dict[str, float]] = mapped_column(JsonDocument, default=dict)
+    # Anatomy measurements: one {"name", "code", "scheme", "meaning", "value", "unit"} each.
+    measurements: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JsonDocument,
+        default=list,
+        nullable=True,  # see migration 0007
+    )
     # One {"kind", "sop_class_uid", "sop_instance_uid", "path"} per output object written.
     outputs: Mapped[list[dict[str, str]]] = mapped_column(
         JsonDocument,

@@ -35,6 +35,7 @@ class ResultRecord:
     ood_distance: float | None = None
     warnings: Sequence[str] = ()
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    measurements: Sequence[Mapping[str, Any]] = ()
 
 
 def record_result(session: Session, record: ResultRecord, *, actor: str) -> Result:
@@ -76,6 +77,7 @@ def _fill(row: Result, record: ResultRecord, now: Any) -> None:
     row.status = record.status
     row.reason = record.reason or None
     row.findings = [dict(finding) for finding in record.findings]
+    row.measurements = [dict(measurement) for measurement in record.measurements]
     row.in_domain = record.in_domain
     row.ood_distance = record.ood_distance
     row.warnings = list(record.warnings)

@@ -310,7 +310,7 @@ def test_metrics_count_instances_jobs_results_sends_and_stage_timings(api: ApiNo
         for (name, labels) in values
         if name == "cxr_node_model_info"
     }
-    assert set(models) == {"screen", "confirm"}
+    assert set(models) == {"screen", "confirm", "segment"}
     assert all(len(model["sha256"]) == 64 and model["version"] for model in models.values())
 
 

@@ -67,7 +67,7 @@ def received(uid: str = "1.2.3.4.5", sha: str = "a" * 64, **changes: object) -> 
 
 
 def test_migrations_reach_head_and_are_idempotent(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0006"
+    assert current_revision(engine) == head_revision() == "0007"
     upgrade(engine)  # second run is a no-op
     assert current_revision(engine) == head_revision()
 
@@ -97,7 +97,7 @@ def test_concurrent_upgrades_do_not_collide(database_url: str) -> None:
     for t in threads:
         t.join(timeout=120)
     assert errors == []
-    assert current_revision(engines[0]) == "0006"
+    assert current_revision(engines[0]) == "0007"
     for e in engines:
         e.dispose()
 

@@ -72,6 +72,23 @@ class FindingOut(BaseModel):
     stage: str | None = None
     threshold: float | None = None
     model: str | None = None
+    cam_lung_share: float | None = Field(
+        None, description="Share of the Grad-CAM inside the lung fields (explained finding)."
+    )
+    cam_heart_share: float | None = Field(
+        None, description="Share of the Grad-CAM inside the heart (explained finding)."
+    )
+
+
+class MeasurementOut(BaseModel):
+    """One anatomy measurement (cardiothoracic ratio, widths in mm, lung areas in cm²)."""
+
+    name: str
+    code: str
+    scheme: str
+    meaning: str
+    value: float
+    unit: str = Field(description="UCUM unit: 1, mm, cm2.")
 
 
 class ResultOut(BaseModel):
@@ -81,6 +98,7 @@ class ResultOut(BaseModel):
     pipeline: str
     model_key: str
     findings: list[FindingOut]
+    measurements: list[MeasurementOut] = Field(default_factory=list)
     in_domain: bool | None
     warnings: list[str]
     timings_ms: dict[str, float]

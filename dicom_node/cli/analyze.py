@@ -25,12 +25,22 @@ def analyze(
     heatmap_dir: Annotated[
         Path | None, typer.Option("--heatmap-dir", help="Write heatmap overlays here as PNG.")
     ] = None,
+    masks_dir: Annotated[
+        Path | None,
+        typer.Option("--masks-dir", help="Write heart and lung masks here as PNG (source grid)."),
+    ] = None,
 ) -> None:
     """Run the whole engine offline on DICOM files (no network, no database)."""
     settings = load_for_command(config)
     from rich.progress import Progress
 
-    from dicom_node.analyze import analyze_files, result_record, to_json_line, write_heatmap
+    from dicom_node.analyze import (
+        analyze_files,
+        result_record,
+        to_json_line,
+        write_heatmap,
+        write_masks,
+    )
     from inference.bundle import BundleError
     from inference.cascade import Cascade
 
@@ -47,7 +57,8 @@ def analyze(
         task = bar.add_task("analysing", total=len(files))
         for path, result in analyze_files(cascade, files, inference.batch_size):
             heatmap = write_heatmap(result, path, heatmap_dir) if heatmap_dir else None
-            record = result_record(path, result, heatmap)
+            masks = write_masks(result, path, masks_dir) if masks_dir else None
+            record = result_record(path, result, heatmap, masks)
             if json_output:
                 typer.echo(to_json_line(record))
             else:
@@ -73,5 +84,11 @@ def _analysis_line(record: dict[str, Any]) -> str:
         else f"{f['meaning']} not assessed ({f['reason']})"
         for f in record["findings"]
     ]
+    ratio = next(
+        (m["value"] for m in record["measurements"] if m["name"] == "cardiothoracic_ratio"),
+        None,
+    )
+    if ratio is not None:
+        parts.append(f"CTR {ratio:.2f}")
     warnings = f" [yellow]({'; '.join(record['warnings'])})[/yellow]" if record["warnings"] else ""
     return f"[bold]{name}[/bold]: " + ", ".join(parts) + warnings

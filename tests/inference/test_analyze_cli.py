@@ -49,16 +49,19 @@ def test_json_output_is_one_object_per_file(dicom_dir: Path, tmp_path: Path) -> 
     assert chest["findings"][0]["code"] == "233604007"
     assert chest["findings"][0]["status"] == "assessed"
     assert tibia["status"] == "not_scored" and "EXTREMITY" in tibia["reason"]
-    (not_assessed,) = tibia["findings"]  # every finding in force is listed, and why
-    assert set(not_assessed) >= NOT_ASSESSED_KEYS and "probability" not in not_assessed
-    assert not_assessed["status"] == "not_assessed" and "EXTREMITY" in not_assessed["reason"]
+    # Every finding in force is listed, and why: pneumonia and cardiomegaly.
+    assert [f["code"] for f in tibia["findings"]] == ["233604007", "8186001"]
+    for not_assessed in tibia["findings"]:
+        assert set(not_assessed) >= NOT_ASSESSED_KEYS and "probability" not in not_assessed
+        assert not_assessed["status"] == "not_assessed"
+        assert "EXTREMITY" in not_assessed["reason"]
     assert broken["status"] == "error" and "not a DICOM file" in broken["reason"]
     with Image.open(chest["heatmap"]) as png:
         assert png.mode == "RGB"
     assert tibia["heatmap"] is None and len(list(heatmaps.iterdir())) == 1
 
 
-def test_an_adult_is_not_assessed_and_a_raw_data_set_is_read(
+def test_an_adult_is_assessed_for_cardiomegaly_only_and_a_raw_data_set_is_read(
     dicom_dir: Path, tmp_path: Path
 ) -> None:
     adult = dicom_dir / "siim-cr-jpegbaseline.dcm"  # Patient Age 62
@@ -72,9 +75,12 @@ def test_an_adult_is_not_assessed_and_a_raw_data_set_is_read(
     result = CliRunner().invoke(app, ["analyze", "--json", str(adult), str(raw)])
     assert result.exit_code == 0, result.output
     grown, child = (json.loads(line) for line in result.stdout.splitlines())
-    (entry,) = grown["findings"]
-    assert grown["status"] == "not_scored" and entry["status"] == "not_assessed"
+    by_code = {f["code"]: f for f in grown["findings"]}
+    entry = by_code["233604007"]  # the pediatric pneumonia model
+    assert entry["status"] == "not_assessed"
     assert "62 years" in entry["reason"] and entry["present"] is False
+    # An adult PA film: the cardiothoracic ratio answers for cardiomegaly.
+    assert grown["status"] == "scored" and by_code["8186001"]["status"] == "assessed"
     assert child["status"] == "scored" and child["findings"][0]["status"] == "assessed"
 
 
@@ -85,3 +91,43 @@ def test_human_output_names_every_file(dicom_dir: Path, tmp_path: Path) -> None:
     for name in CHEST_FILES[:2]:
         assert name in result.stdout
     assert "Pneumonia" in result.stdout
+
+
+def test_measurements_and_masks_of_an_adult_pa_film(tmp_path: Path) -> None:
+    """An adult PA DX: the ratio, widths in mm and lung areas in cm² in the JSON, and the
+    three masks as PNG on the source grid with --masks-dir."""
+    from tests.inference.conftest import data_root
+    from tests.nih_dicom import dx_dataset, pick, read_labels, write
+
+    image = pick(read_labels(data_root() / "nih-sample"), {"PA": 1})[0]
+    path = write(dx_dataset(image), tmp_path / "adult.dcm")
+    masks_dir = tmp_path / "masks"
+    result = CliRunner().invoke(
+        app, ["analyze", "--json", "--masks-dir", str(masks_dir), str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["status"] == "scored"
+    measured = {m["name"]: m for m in record["measurements"]}
+    assert set(measured) == {
+        "cardiothoracic_ratio",
+        "heart_width",
+        "thoracic_width",
+        "right_lung_area",
+        "left_lung_area",
+    }
+    assert all(set(m) >= {"name", "code", "scheme", "value", "unit"} for m in measured.values())
+    ratio = measured["cardiothoracic_ratio"]
+    assert (ratio["code"], ratio["scheme"], ratio["unit"]) == ("CTR", "99CXRAI", "1")
+    width = measured["thoracic_width"]["value"] * 1.0
+    assert 200 < width < 450  # an adult chest, in mm at the detector
+    assert record["anatomy"]["spacing"].startswith("from PixelSpacing")  # the wrapper's
+    cardiomegaly = next(f for f in record["findings"] if f["code"] == "8186001")
+    assert cardiomegaly["status"] == "assessed"
+    assert cardiomegaly["present"] == (ratio["value"] > 0.5)
+    assert len(record["masks"]) == 3
+    ds = pydicom.dcmread(path)
+    for mask_path in record["masks"]:
+        with Image.open(mask_path) as png:
+            assert png.size == (ds.Columns, ds.Rows) and png.mode == "L"
+            assert set(png.getdata()) == {0, 255}

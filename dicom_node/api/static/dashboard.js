@@ -175,9 +175,32 @@ function renderFindings(result) {
       continue;
     }
     const verdict = f.present ? "present" : "absent";
-    list.append(el("li", {}, `${f.meaning}: ${percent(f.probability)} (${verdict}, ${f.stage})`));
+    const looked =
+      f.cam_lung_share == null ? "" : `; heatmap ${percent(f.cam_lung_share)} inside the lungs`;
+    list.append(
+      el("li", {}, `${f.meaning}: ${percent(f.probability)} (${verdict}, ${f.stage}${looked})`),
+    );
   }
+  for (const m of result.measurements || []) {
+    list.append(el("li", { class: "measurement" }, measurement(m)));
+  }
+  for (const w of result.warnings || []) list.append(el("li", { class: "warning" }, w));
   return list;
+}
+
+const MEASUREMENT_NAMES = {
+  cardiothoracic_ratio: "Cardiothoracic ratio",
+  heart_width: "Heart width",
+  thoracic_width: "Thoracic width",
+  right_lung_area: "Right lung area",
+  left_lung_area: "Left lung area",
+};
+
+function measurement(m) {
+  const name = MEASUREMENT_NAMES[m.name] || m.meaning;
+  const unit = { 1: "", mm: " mm", cm2: " cm²" }[m.unit] ?? ` ${m.unit}`;
+  const digits = m.unit === "1" ? 2 : 0;
+  return `${name}: ${m.value.toFixed(digits)}${unit}`;
 }
 
 async function heatmap(result) {
