@@ -52,6 +52,7 @@ NODE_AET = "CXR_AI"
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 SR_SERIES = "AI CXR findings"
 SC_SERIES = "AI CXR heatmap"
+SEG_SERIES = "AI CXR anatomy segmentation"
 STABLE_AGE_S = 1
 WAIT_S = 100.0
 Variant = Literal["lua", "python"]
@@ -443,15 +444,18 @@ def check_routing(site: RoutedSite, images: list[RoutedImage], work: Path) -> No
     assert sorted(received) == sorted(frontal)  # exactly the frontal chests, once each
     assert status_received(site.node) == len(frontal)
 
-    # The results came back into Orthanc: one SR and one SC per scored image.
+    # The results came back into Orthanc: one SR and one SC per scored image, and the
+    # SEG of heart and lungs for each adult whose anatomy was measured.
     scored = site.scored()
     assert scored, "no image was scored: nothing to come back"
     sent = site.outputs_sent()
-    assert len(sent) == 2 * len(scored)
     srs = site.node_series_in_orthanc(SR_SERIES)
     scs = site.node_series_in_orthanc(SC_SERIES)
+    segs = site.node_series_in_orthanc(SEG_SERIES)
     assert len(srs) == len(scs) == len(scored)
-    assert {i["MainDicomTags"]["SOPInstanceUID"] for i in srs + scs} == sent
+    assert 0 < len(segs) <= len(scored)  # the adults among them (the child has none)
+    assert len(sent) == 2 * len(scored) + len(segs)
+    assert {i["MainDicomTags"]["SOPInstanceUID"] for i in srs + scs + segs} == sent
 
     # Nothing the node wrote went back to it: the results' arrival made their studies
     # stable again, and the sweep forwarded nothing.
