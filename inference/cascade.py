@@ -2,10 +2,13 @@
 
 Every eligible image goes through the MobileNetV3 screen in one batched forward pass; the
 screen's pooled features also feed the input gate (distance to training features, pixel
-polarity). Images whose calibrated screen probability reaches the screen threshold (chosen
-on validation for very high sensitivity) go through the ResNet confirm pass, again as one
-batch. Each finding records which stage produced its probability, and Grad-CAM is computed
-on the network that made that final call.
+polarity). The images the gate admits are segmented (heart, lungs: :mod:`inference.segment`),
+and those without a plausible pair of lungs are refused. Images whose calibrated screen
+probability reaches the screen threshold (chosen on validation for very high sensitivity)
+go through the ResNet confirm pass, again as one batch. Measured findings (cardiomegaly)
+are called from the anatomy. Each finding records which stage produced its probability,
+and Grad-CAM is computed on the network that made that final call, then checked against
+the lung fields.
 
 Nothing here raises for a bad image: each input gets an :class:`ImageResult` whose
 ``status`` is ``scored``, ``not_scored`` (with the gate's reason) or ``error``.
