@@ -3,9 +3,13 @@
 One module per IOD, each with one builder named after what it makes:
 
 * :mod:`dicom_node.results.sr` — ``measurement_report``: Comprehensive 3D SR with a
-  PS3.16 TID 1500 Measurement Report, one TID 1501 group per finding;
+  PS3.16 TID 1500 Measurement Report, one TID 1501 group per finding and per measured
+  structure (heart, lungs);
 * :mod:`dicom_node.results.heatmap_sc` — ``heatmap_secondary_capture``: the rendered
   Grad-CAM overlay as a Secondary Capture Image (PS3.3 A.8.1);
+* :mod:`dicom_node.results.seg` — ``anatomy_segmentation``: heart and lung masks as a
+  DICOM Segmentation (PS3.3 A.51; output type ``seg``, for adults whose anatomy was
+  measured);
 * :mod:`dicom_node.results.parametric_map` — the Grad-CAM map as a Parametric Map
   (output type ``pm``, off by default);
 * :mod:`dicom_node.results.oru` — the study's HL7 ORU^R01 (a study event, not an output
