@@ -149,8 +149,11 @@ def build_network(network_def: dict[str, Any], source: str = "network_def") -> n
     return network
 
 
-def network_data_format(size: int, label: str) -> dict[str, Any]:
-    """The bundle's input and output spec: one grey channel at ``size``², one logit."""
+def network_data_format(
+    size: int, label: str, outputs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The bundle's input and output spec: one grey channel at ``size``², one logit named
+    ``label`` — or the ``outputs`` given (a segmentation's channels)."""
     return {
         "inputs": {
             "image": {
@@ -165,7 +168,8 @@ def network_data_format(size: int, label: str) -> dict[str, Any]:
                 "channel_def": {"0": "image"},
             }
         },
-        "outputs": {
+        "outputs": outputs
+        or {
             "pred": {
                 "type": "logits",
                 "format": "classification",

@@ -42,10 +42,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from inference import anatomy, evaluate
-from inference.bundle import build_network, write_bundle
+from inference.bundle import build_network, network_data_format, write_bundle
 from inference.manifest import SEGMENT_BUNDLE
 from inference.preprocess import KEY, intensity_steps
-from inference.train import seed_everything
+from inference.train import run_epoch, seed_everything
 
 log = logging.getLogger("inference.train_segment")
 
@@ -135,22 +135,9 @@ def train_network(images: np.ndarray, masks: np.ndarray, epochs: int, seed: int)
         opt, max_lr=3e-3, total_steps=epochs * len(loader), pct_start=0.1
     )
     for epoch in range(epochs):
-        start, total = time.time(), 0.0
-        network.train()
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(network(x), y)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        log.info(
-            "epoch %d/%d loss %.4f (%.0fs)",
-            epoch + 1,
-            epochs,
-            total / len(loader),
-            time.time() - start,
-        )
+        start = time.time()
+        loss = run_epoch(network, loader, loss_fn, opt, sched)
+        log.info("epoch %d/%d loss %.4f (%.0fs)", epoch + 1, epochs, loss, time.time() - start)
     return network.eval()
 
 
@@ -340,21 +327,10 @@ def metadata(
             "epochs": args.epochs,
             "trained_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "magnitude",
-                    "modality": "xray",
-                    "num_channels": 1,
-                    "spatial_shape": [args.size, args.size],
-                    "dtype": "float32",
-                    "value_range": ["per-image standardised after 1-99 percentile stretch"],
-                    "is_patch_data": False,
-                    "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
+        "network_data_format": network_data_format(
+            args.size,
+            "",
+            {
                 "pred": {
                     "type": "probabilities",
                     "format": "segmentation",
@@ -366,7 +342,7 @@ def metadata(
                     "channel_def": {str(i): s.name for i, s in enumerate(anatomy.STRUCTURES)},
                 }
             },
-        },
+        ),
     }
 
 
