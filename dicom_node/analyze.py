@@ -65,17 +65,20 @@ def write_heatmap(result: ImageResult, path: Path, out_dir: Path) -> Path | None
 
 def write_masks(result: ImageResult, path: Path, out_dir: Path) -> list[Path]:
     """Heart, right and left lung masks on the source's grid, one 8-bit PNG (0/255) each,
-    named ``<instance>_<structure>.png``; nothing when the anatomy was not assessed."""
+    named ``<instance>_<structure>.png``: the pixels the SEG carries. Nothing when the
+    anatomy was not assessed."""
     found = result.anatomy
-    if found is None or not found.assessed:
+    if found is None or not found.assessed or found.source_shape is None:
         return []
+    from dicom_node.results.seg import resample_masks  # highdicom: only when asked
+
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = heatmap_filename(path, result).removesuffix(".png")
+    on_source = resample_masks(found.masks, found.source_shape)
     written = []
-    for structure in STRUCTURES:
+    for channel, structure in enumerate(STRUCTURES):
         target = out_dir / f"{stem}_{structure.name}.png"
-        mask = found.mask_on_source(structure)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(target)
+        Image.fromarray(on_source[..., channel].astype(np.uint8) * 255).save(target)
         written.append(target)
     return written
 

@@ -104,13 +104,6 @@ class Anatomy:
     def mask(self, structure: Structure) -> np.ndarray:
         return self.masks[STRUCTURES.index(structure)]
 
-    def mask_on_source(self, structure: Structure) -> np.ndarray:
-        """The mask resampled onto the source's grid (bilinear, then halfway)."""
-        shape = self.source_shape or self.masks.shape[1:]
-        mask = self.mask(structure).astype(np.float32)
-        zoom = (shape[0] / mask.shape[0], shape[1] / mask.shape[1])
-        return ndimage.zoom(mask, zoom, order=1, grid_mode=True, mode="nearest") >= 0.5
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
