@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,22 @@ def tls_client(pki: Pki, *, with_certificate: bool = True) -> list[str]:
 # -- incoming ----------------------------------------------------------------------------
 
 
-def handshake_failures(caplog: pytest.LogCaptureFixture) -> str:
-    """The reasons the listener logged for failed handshakes, one per line."""
-    return "\n".join(
-        str(getattr(r, "fields", {}).get("reason"))
-        for r in caplog.records
-        if r.getMessage() == "TLS handshake failed"
-    )
+def handshake_failures(caplog: pytest.LogCaptureFixture, wait_s: float = 5.0) -> str:
+    """The reasons the listener logged for failed handshakes, one per line.
+
+    The listener logs from its own thread, which may still be writing when the client
+    has already given up: wait for the first line a little while.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        reasons = "\n".join(
+            str(getattr(r, "fields", {}).get("reason"))
+            for r in caplog.records
+            if r.getMessage() == "TLS handshake failed"
+        )
+        if reasons or time.monotonic() > deadline:
+            return reasons
+        time.sleep(0.05)
 
 
 def test_dcmtk_stores_over_tls_with_a_client_certificate(
