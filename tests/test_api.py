@@ -508,3 +508,14 @@ def test_an_admin_request_with_an_out_of_range_id_is_audited_and_refused(api: Ap
     (event,) = audit_after(api, start)
     assert event.kind == "api.retry_job" and event.job_id is None
     assert event.details is not None and event.details["params"] == {"job_id": str(2**63)}
+
+
+def test_a_query_with_a_nul_byte_is_answered_and_audited(api: ApiNode) -> None:
+    """Found by the schema fuzzing on PostgreSQL: JSONB refuses NUL, which made the
+    access audit (and so the request) fail with 500."""
+    start = last_audit_id(api)
+    with api.client(TOKEN) as client:
+        answer = client.get("/api/worklist", params={"x\x00y": "a\x00b", "limit": 3})
+    assert answer.status_code == 200, answer.text
+    (event,) = audit_after(api, start)
+    assert event.details is not None and event.details["query"]["x\ufffdy"] == "a\ufffdb"

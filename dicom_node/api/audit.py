@@ -74,7 +74,9 @@ def record_access(request: Request, access: Access) -> None:
 
 
 def _short(value: object) -> str:
-    return str(value)[:MAX_VALUE]
+    """At most MAX_VALUE characters, NUL replaced: PostgreSQL's JSONB refuses ``\\u0000``,
+    and a request must not fail to be audited (and so fail) for a stray byte."""
+    return str(value)[:MAX_VALUE].replace("\x00", "\ufffd")
 
 
 def _int_or_none(value: object) -> int | None:
