@@ -399,3 +399,109 @@ class NodeHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ModelVersion(Base):
+    """One installed model bundle version: what the registry can put in force.
+
+    The bundle itself lies read-only under ``<home>/models/<name>/<version>``; the row
+    keeps what the node needs without reading it (finding, role, weights digest, the
+    card's validated figures) and, for a site-derived version, its parent.
+    """
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    finding: Mapped[str] = mapped_column(String(64))
+    finding_code: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))  # "screen" | "confirm" | "segment"
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))
+    parent: Mapped[str | None] = mapped_column(String(200))
+    card: Mapped[dict[str, Any]] = mapped_column(JsonDocument, default=dict)
+    installed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    installed_by: Mapped[str] = mapped_column(String(64))
+
+
+class ModelAssignment(Base):
+    """An append-only history of what is in force: the latest row of a (finding, role,
+    slot) wins. ``slot`` is "active" or "shadow"; no version means "back to the
+    configured bundle" (active) or "no shadow run" (shadow).
+
+    One INSERT is the whole activation, so it is atomic on every backend, and the
+    history is the rollback's memory and the audit of who put what in force, and why.
+    """
+
+    __tablename__ = "model_assignments"
+    __table_args__ = (Index("ix_model_assignments_slot", "finding", "role", "slot", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    finding: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    slot: Mapped[str] = mapped_column(String(8))
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    actor: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    assigned_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ModelScore(Base):
+    """One model version's answer for one finding on one image, flat for monitoring.
+
+    ``role`` is "active" (the answer that was reported) or "shadow" (a candidate's,
+    stored and never sent). The input descriptors are copied from the header (no
+    demographics beyond age and sex) so drift needs no join and no file access.
+    """
+
+    __tablename__ = "model_scores"
+    __table_args__ = (
+        UniqueConstraint("instance_id", "finding_code", "model", "version", "role"),
+        Index("ix_model_scores_window", "model", "version", "role", "finding_code", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    finding_code: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(8))
+    assessed: Mapped[bool] = mapped_column(Boolean)
+    probability: Mapped[float | None] = mapped_column(Float)
+    present: Mapped[bool | None] = mapped_column(Boolean)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    stage: Mapped[str | None] = mapped_column(String(16))
+    refused: Mapped[bool] = mapped_column(Boolean)
+    ood_distance: Mapped[float | None] = mapped_column(Float)
+    age: Mapped[float | None] = mapped_column(Float)
+    sex: Mapped[str | None] = mapped_column(String(16))
+    view: Mapped[str | None] = mapped_column(String(16))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    pixel_spacing: Mapped[float | None] = mapped_column(Float)
+    photometric: Mapped[str | None] = mapped_column(String(16))
+    bits: Mapped[str | None] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Feedback(Base):
+    """A reader's label for one finding on a study or an instance: the ground truth.
+
+    Rows are never updated: the latest row for the same case and finding supersedes the
+    earlier ones, which stay as the trail.
+    """
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
+    finding_code: Mapped[str] = mapped_column(String(64))
+    present: Mapped[bool] = mapped_column(Boolean)
+    reader: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))

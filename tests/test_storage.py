@@ -67,7 +67,7 @@ def received(uid: str = "1.2.3.4.5", sha: str = "a" * 64, **changes: object) -> 
 
 
 def test_migrations_reach_head_and_are_idempotent(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0007"
+    assert current_revision(engine) == head_revision() == "0008"
     upgrade(engine)  # second run is a no-op
     assert current_revision(engine) == head_revision()
 
