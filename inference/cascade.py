@@ -225,9 +225,12 @@ class Cascade:
         anatomy: bool = True,
         segment_path: Path | None = None,
         anatomy_options: Mapping[str, Any] | None = None,
+        bundle_paths: Mapping[str, Mapping[str, Path]] | None = None,
     ) -> Cascade:
         """The shipped bundles of ``findings``; ``screen_path``/``confirm_path`` and the
         threshold overrides apply to the first finding (the one with the gate).
+        ``bundle_paths`` (finding → role → path) puts other versions in force for any
+        finding (a model registry's choice); it wins over the paths above.
 
         Measured findings (cardiomegaly) come from the segmentation bundle, which is
         loaded when ``anatomy`` is on or such a finding is in force.
@@ -245,8 +248,11 @@ class Cascade:
         )
         loaded = []
         for n, name in enumerate(classified):
-            screen = screen_path if n == 0 and screen_path else finding_bundle_path(name, "screen")
-            confirm = (
+            chosen = (bundle_paths or {}).get(name, {})
+            screen = chosen.get("screen") or (
+                screen_path if n == 0 and screen_path else finding_bundle_path(name, "screen")
+            )
+            confirm = chosen.get("confirm") or (
                 confirm_path if n == 0 and confirm_path else finding_bundle_path(name, "confirm")
             )
             screen_bundle = load_bundle(screen, screen_thresholds if n == 0 else None)
