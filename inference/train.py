@@ -8,7 +8,7 @@ Validation is split by patient (images of one child never straddle the split), t
 imbalance (about 3 pneumonia : 1 normal) is handled with a positive-class weight whose
 bias is removed again at calibration, augmentation uses the shared MONAI chain, the
 temperature and thresholds are fitted on validation, and the bundles are written with
-their model cards.
+their model cards and the drift reference of the node's cascade on the validation split.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from inference import evaluate, gate
+from inference import evaluate, gate, reference
 from inference.bundle import (
     CONFIRM_BUNDLE,
     SCREEN_BUNDLE,
@@ -316,6 +316,12 @@ parameter).
   prevalence the same score corresponds to a lower post-test probability.
 - Bacterial vs viral pneumonia is not distinguished; other findings are not detected.
 - The official Kermany test split was not used for any choice made here.
+
+## Drift reference
+`configs/reference.json`: the node's cascade (screen → confirm behind the feature gate)
+on the validation split above — the finding's probability, the gate distance and the
+refused share, binned at their own deciles (`inference/reference.py`). No header
+descriptor: the JPEG training data records none.
 """
 
 
@@ -390,6 +396,28 @@ def refit_gate(args: argparse.Namespace) -> None:
     stats, info = fit_screen_gate(bundle.network, train, val, [a for a in adults if a])
     replace_gate(path, stats, info)
     log.info("gate of %s refitted: %s", path, json.dumps(info))
+    write_references(args, val, ["screen", "confirm"])  # the gate distances changed
+
+
+def write_references(args: argparse.Namespace, val: Split, roles: list[str]) -> None:
+    """The drift references (:mod:`inference.reference`) of the bundles of ``roles``:
+    the node's cascade — both bundles of the output folder — run on the validation split,
+    so the reference holds what the node itself reports (the final probability whichever
+    stage made it, the gate distance), which neither network's logits alone give."""
+    paths = {
+        role: Path(args.out) / a.bundle.name if args.out else a.bundle for role, a in ARCHS.items()
+    }
+    if not all((path / "configs" / "metadata.json").is_file() for path in paths.values()):
+        log.warning("no drift reference: the cascade needs a screen and a confirm bundle")
+        return
+    description = reference.kermany_description(len(val.labels), len(set(val.patients)))
+    references = reference.cascade_references(
+        paths["screen"], paths["confirm"], list(val.images), description
+    )
+    for role, ref in zip(("screen", "confirm"), references, strict=True):
+        if role in roles:
+            reference.write_reference(paths[role], ref)
+            log.info("%s drift reference: %s", role, reference.summary(ref))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -418,9 +446,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     train, val = load_kermany(args.data, args.limit)
     log.info("train %d images, validation %d images", len(train.labels), len(val.labels))
-    for role in [args.only] if args.only else ["screen", "confirm"]:
+    roles = [args.only] if args.only else ["screen", "confirm"]
+    for role in roles:
         seed_everything(args.seed)
         train_role(ARCHS[role], train, val, args)
+    write_references(args, val, roles)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ temperature) and the thresholds are fitted on that pool, so they hold across fol
 than on one lucky split, and every figure reported (AUROC, sensitivity, specificity at
 the chosen threshold, ECE) is given as the mean ± sd over folds of the out-of-fold
 predictions under that calibration. Final networks are then trained on all images and
-written as bundles with the finding's intended population and a model card.
+written as bundles with the finding's intended population, a model card and a drift
+reference of the pooled out-of-fold probabilities.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from inference import evaluate
+from inference import evaluate, reference
 from inference.bundle import (
     BUNDLES_DIR,
     CONFIRM_BUNDLE,
@@ -352,6 +353,11 @@ estimated by these cross-validated figures, not measured.
 
 ## Limitations
 {limits}
+
+## Drift reference
+`configs/reference.json`: the finding's probability over the pooled out-of-fold
+predictions, binned at its own deciles (`inference/reference.py`). No gate distance or
+refusals (the finding runs behind the pneumonia screen's gate), no header descriptor.
 """
 
 
@@ -387,8 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     spec = FINDINGS[args.finding]
     split = load_folder(args.data, spec.positive)
     log.info("%s: %d images, %d positive", spec.name, len(split.labels), int(split.labels.sum()))
+    oof: dict[str, dict[str, Any]] = {}
     for role in [args.only] if args.only else ["screen", "confirm"]:
         cv = cross_validate(spec, split, role, args)
+        oof[role] = cv
         meta = metadata(spec, role, cv, split, args)
         log.info("%s cross-validation: %s", role, json.dumps(meta["eval_metrics"]))
         if args.cv_only:
@@ -400,7 +408,28 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out / meta["name"]
         _, network_def, _ = NETWORKS[role]
         write_bundle(out, meta, network_def, network.state_dict(), model_card(spec, role, meta))
+        reference.write_reference(out, drift_reference(spec, role, oof, args.folds))
         log.info("%s written to %s", role, out)
+
+
+def drift_reference(
+    spec: FindingSpec, role: str, oof: dict[str, dict[str, Any]], folds: int
+) -> dict[str, Any]:
+    """The finding's probability over the pooled out-of-fold predictions. The confirm's
+    is the cascade's final probability (confirm where the screen passed the image on,
+    else the screen's) when the screen was cross-validated in the same run. No gate
+    distance or refusals: this finding runs behind the pneumonia screen's gate."""
+    probs = oof[role]["oof_probabilities"]
+    if role == "confirm" and "screen" in oof:
+        screen = oof["screen"]["oof_probabilities"]
+        probs = np.where(screen >= oof["screen"]["threshold"], probs, screen)
+    data = (
+        f"{spec.data_source}: {len(probs)} images, pooled out-of-fold predictions of the "
+        f"{folds}-fold cross-validation"
+        + (" (screen -> confirm as the cascade)" if role == "confirm" and "screen" in oof else "")
+    )
+    signals = reference.outcome_signals(spec.code, [float(p) for p in probs])
+    return reference.build_reference(signals, data)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ intensity normalisation; the held-out images are then segmented at the working g
 resampled to the masks' own 512 grid and scored: Dice per structure, the cardiothoracic
 ratio against the dataset's, cardiomegaly AUROC by the ratio. The out-of-fold ratios of
 all folds are pooled for the cardiomegaly calibration (a logistic fit of the label on the
-ratio), which the bundle carries. A final network is trained on all images with the same
-recipe and written as the bundle, with its card.
+ratio), which the bundle carries, and for the drift reference (the out-of-fold
+cardiomegaly probabilities and unmeasurable shares). A final network is trained on all
+images with the same recipe and written as the bundle, with its card.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from inference import anatomy, evaluate
+from inference import anatomy, evaluate, reference
 from inference.bundle import build_network, network_data_format, write_bundle
 from inference.manifest import SEGMENT_BUNDLE
 from inference.preprocess import KEY, intensity_steps
@@ -194,12 +195,14 @@ def mean_sd(values: list[float]) -> dict[str, float]:
 
 def cross_validate(
     images: np.ndarray, masks: np.ndarray, ctr: np.ndarray, args: argparse.Namespace
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Per-fold scores and every image's out-of-fold CTR."""
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Per-fold scores, every image's out-of-fold CTR and whether its out-of-fold masks
+    are measurable (plausible, as serving requires)."""
     grid_images, grid_masks = to_grid(images, masks, args.size)
     order = np.random.default_rng(args.seed).permutation(len(images))
     folds = np.array_split(order, args.folds)
     oof = np.full(len(images), np.nan)
+    measurable = np.zeros(len(images), dtype=bool)
     per_fold = []
     for k, held in enumerate(folds):
         cache = args.work / f"fold{k}.npz"
@@ -212,13 +215,14 @@ def cross_validate(
             np.savez_compressed(cache, pred=pred)
         scores = fold_scores(pred, masks[held], ctr[held])
         oof[held] = [anatomy.ctr_of(p) or np.nan for p in pred]
+        measurable[held] = [anatomy.implausible(p) is None for p in pred]
         log.info("fold %d: %s", k + 1, json.dumps(scores))
         per_fold.append(scores)
     summary: dict[str, Any] = {
         key: mean_sd([f[key] for f in per_fold if key in f]) for key in per_fold[0]
     }
     summary["folds"] = per_fold
-    return summary, oof
+    return summary, oof, measurable
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.final_only:
         final_network(images, masks, args)
         return
-    summary, oof = cross_validate(images, masks, ctr, args)
+    summary, oof, measurable = cross_validate(images, masks, ctr, args)
     known = ~np.isnan(ctr) & ~np.isnan(oof)
     labels = (ctr[known] > 0.5).astype(float)
     slope, intercept = fit_logistic(oof[known], labels)
@@ -266,7 +270,29 @@ def main(argv: list[str] | None = None) -> None:
     network = final_network(images, masks, args)
     meta = metadata(args, summary, len(images), slope, intercept)
     write_bundle(args.out, meta, NETWORK_DEF, network.state_dict(), model_card(meta))
+    reference.write_reference(args.out, drift_reference(oof, measurable, meta))
     log.info("wrote %s", args.out)
+
+
+def drift_reference(
+    oof: np.ndarray, measurable: np.ndarray, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The drift reference from the out-of-fold measurements: the cardiomegaly
+    probability by the bundle's own logistic, and the share of unmeasurable masks."""
+    logistic = meta["cardiomegaly"]["logistic"]
+    assessed = measurable & ~np.isnan(oof)
+    probs = 1 / (1 + np.exp(-(logistic["slope"] * oof + logistic["intercept"])))
+    signals = reference.outcome_signals(
+        meta["cardiomegaly"]["code"],
+        [float(p) if a else None for p, a in zip(probs, assessed, strict=True)],
+        refused=[not a for a in assessed],
+    )
+    data = (
+        f"cxr-anatomy (Wingspan CTR set): {len(oof)} images, out-of-fold predictions of the "
+        f"{meta['training']['folds']} cross-validation networks (each image segmented by a "
+        "network that did not train on it)"
+    )
+    return reference.build_reference(signals, data)
 
 
 def final_network(images: np.ndarray, masks: np.ndarray, args: argparse.Namespace) -> nn.Module:
@@ -399,6 +425,11 @@ clinical diagnosis.
   magnified, so the node does not call cardiomegaly on AP views (documented in the README).
 - Widths and areas in mm/cm² are at the detector plane (magnified), from the header's
   pixel spacing.
+
+## Drift reference
+`configs/reference.json`: the cardiomegaly probability and the share of unmeasurable
+masks over the out-of-fold predictions of the cross-validation, binned at their own
+deciles (`inference/reference.py`). No header descriptor: the PNG data records none.
 """
 
 
