@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -38,7 +39,10 @@ _WARM_UP_LABEL = Label("warm-up", "WARMUP", "99CXRAI", "Warm-up")  # never leave
 class Analyzer(Protocol):
     """What the worker pipeline needs from the analyzer."""
 
-    identity: str
+    @property
+    def identity(self) -> str:
+        """The models in force, exactly (the key of the ``results`` row)."""
+        ...
 
     def analyze(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
         """One result per data set, in order; never raises for a bad image."""
@@ -58,6 +62,7 @@ class CascadeAnalyzer:
 
     def __init__(self, cascade: Cascade) -> None:
         self.cascade = cascade
+        self.decision = decision_models(cascade)
         identity = "+".join(bundle_identity(bundle) for bundle in cascade.bundles())
         if len(identity) > MODEL_KEY_LENGTH:  # several findings: keep it unique, and short
             digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -68,13 +73,34 @@ class CascadeAnalyzer:
         return self.cascade.analyze(datasets)
 
 
-def load_analyzer(settings: InferenceSettings) -> CascadeAnalyzer:
-    """Load and verify the bundles (raises ``inference.bundle.BundleError``)."""
+def decision_models(cascade: Cascade) -> dict[str, tuple[str, str]]:
+    """Finding code → (name, version) of the model whose threshold makes the call: a
+    classifier finding's confirm bundle, cardiomegaly's segmentation bundle."""
+    decision = {f.label.code: (f.confirm.name, f.confirm.version) for f in cascade.findings}
+    if cascade.cardiomegaly is not None:
+        rule = cascade.cardiomegaly
+        decision[rule.label.code] = (rule.model_name, rule.model_version)
+    return decision
+
+
+def load_analyzer(
+    settings: InferenceSettings,
+    bundle_paths: Mapping[str, Mapping[str, Path]] | None = None,
+    bundle_ratio: bool = False,
+) -> CascadeAnalyzer:
+    """Load and verify the bundles (raises ``inference.bundle.BundleError``);
+    ``bundle_paths`` puts registry versions in force (finding → role → folder), and
+    ``bundle_ratio`` keeps the segmentation bundle's own cardiomegaly threshold."""
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
-    analyzer = CascadeAnalyzer(Cascade.load(**settings.cascade_kwargs()))
+    kwargs = settings.cascade_kwargs()
+    if bundle_paths:
+        kwargs["bundle_paths"] = bundle_paths
+    if bundle_ratio:
+        kwargs["anatomy_options"] = {**kwargs["anatomy_options"], "cardiomegaly_ratio": None}
+    analyzer = CascadeAnalyzer(Cascade.load(**kwargs))
     log.info(
         "models loaded",
         findings=[finding.name for finding in analyzer.cascade.findings],

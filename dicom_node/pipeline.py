@@ -51,6 +51,7 @@ from dicom_node.analyzer import Analyzer
 from dicom_node.config import PrioritySettings
 from dicom_node.dispatch import Destination
 from dicom_node.logs import get_logger
+from dicom_node.models.scores import score_rows
 from dicom_node.notify import StudyNotifier
 from dicom_node.outputs import Output, build_outputs, write_outputs
 from dicom_node.priority import (
@@ -64,10 +65,12 @@ from dicom_node.results.registry import BuildInputs, OutputType, output_types
 from dicom_node.rules import PIPELINE_NONE, RouteDecision, RuleSet, evaluate
 from dicom_node.wakeup import Wakeup
 from inference.cascade import ERROR, NOT_SCORED, SCORED, ImageResult
+from inference.reference import input_descriptors
 from storage.db import session_scope
-from storage.models import Job, JobState, Result, ResultStatus, Study
+from storage.models import Job, JobState, ModelScore, Result, ResultStatus, Study
 from storage.outbox import OutgoingObject, enqueue_send
 from storage.queue import fail, transition
+from storage.registry import ACTIVE, SHADOW, record_scores
 from storage.results import OutputFile, ResultRecord, record_result, set_outputs
 from storage.spool import Spool
 
@@ -115,6 +118,7 @@ class _Outcome:
     outputs: Sequence[Output] = ()  # written before the transaction
     write_late: WriteLate | None = None
     destinations: Sequence[str] = ()
+    scores: Sequence[ModelScore] = ()  # each finding's answer, for monitoring
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class Pipeline:
             return
         for work, result in zip(works, results, strict=True):
             self._complete(work, result)
+        self._shadow(works)
 
     # -- steps before the transaction ----------------------------------------------------
 
@@ -199,6 +204,7 @@ class Pipeline:
 
     def _outcome(self, work: _Work, result: ImageResult) -> _Outcome:
         record = self._result_record(work, result)
+        scores = self._scores(work, result)
         destinations = work.decision.destinations
         if result.status == SCORED and result.findings:
             types = output_types(work.decision.outputs)
@@ -210,11 +216,48 @@ class Pipeline:
             def write_late(priority: StudyPriority) -> list[Output]:
                 return self._write_outputs(work, result, late, priority.report_value, made)
 
-            return _Outcome(JobState.DONE, None, record, outputs, write_late, destinations)
+            return _Outcome(JobState.DONE, None, record, outputs, write_late, destinations, scores)
         state = JobState.FAILED if result.status == ERROR else JobState.SKIPPED
         reason = result.reason or f"engine returned {result.status} without findings"
         # No outputs, but the rule's destinations: this job may finish a scored study.
-        return _Outcome(state, reason, record, destinations=destinations)
+        return _Outcome(state, reason, record, destinations=destinations, scores=scores)
+
+    def _scores(
+        self,
+        work: _Work,
+        result: ImageResult,
+        role: str = ACTIVE,
+        only: tuple[str, str, str] | None = None,
+    ) -> list[ModelScore]:
+        """Each finding's answer and the image's descriptors (:mod:`dicom_node.models.scores`)."""
+        return score_rows(
+            result,
+            instance_id=work.job.instance_id,
+            sop_instance_uid=work.job.sop_instance_uid,
+            study_instance_uid=str(work.dataset.get("StudyInstanceUID", "")),
+            descriptors=input_descriptors(work.dataset),
+            decision=getattr(self.analyzer, "decision", {}),
+            role=role,
+            only=only,
+        )
+
+    def _shadow(self, works: Sequence[_Work]) -> None:
+        """The shadow runs on this batch, after the active results are committed: their
+        scores are stored and nothing is built or sent. A failure costs only the shadow."""
+        run = getattr(self.analyzer, "shadow", None)
+        if run is None:
+            return
+        try:
+            for shadow, results in run([work.dataset for work in works]):
+                rows = [
+                    row
+                    for work, result in zip(works, results, strict=True)
+                    for row in self._scores(work, result, SHADOW, shadow.only)
+                ]
+                with session_scope(self.context.sessions) as session:
+                    record_scores(session, rows)
+        except Exception:
+            log.exception("shadow run failed; the active results are not affected")
 
     def _write_outputs(
         self,
@@ -275,6 +318,7 @@ class Pipeline:
                 return None
             if outcome.record is not None:
                 result_row = self._record(session, outcome.record)
+                record_scores(session, outcome.scores)
                 study, findings, priority = self._reprioritise(session, job)
                 if outcome.write_late is not None:
                     outputs += outcome.write_late(priority)

@@ -31,9 +31,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.analyzer import Analyzer, load_analyzer, warm_up
+from dicom_node.analyzer import Analyzer, warm_up
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
+from dicom_node.models.following import FollowingAnalyzer
 from dicom_node.notify import StudyNotifier
 from dicom_node.pipeline import ClaimedJob, Pipeline, PipelineContext
 from dicom_node.processes import owner_id, process_alive
@@ -47,6 +48,7 @@ from storage.spool import Spool
 log = get_logger(__name__)
 ENGINE_RETRY_S = 60.0
 STOP_TIMEOUT_S = 120.0
+REGISTRY_POLL_S = 5.0  # an idle worker looks at the registry at least this often
 LEASE_RENEWALS = 4  # lease renewals per lease: three may fail before another worker steps in
 JOB_KINDS = ("analyze",)
 
@@ -104,7 +106,7 @@ class Worker:
         self.settings = settings
         self.sessions = sessions
         self.jobs_wakeup = jobs_wakeup
-        self.analyzer_factory = analyzer_factory or (lambda: load_analyzer(settings.inference))
+        self.analyzer_factory = analyzer_factory or (lambda: FollowingAnalyzer(settings, sessions))
         self.context = PipelineContext(
             sessions=sessions,
             spool=spool,
@@ -191,6 +193,7 @@ class Worker:
         lease = timedelta(seconds=settings.job_lease)
         while not self._stop.is_set():
             seen = self.jobs_wakeup.mark()
+            self._follow_registry(analyzer, name)
             try:
                 jobs = claim_jobs(self.sessions, worker_id, limit=settings.batch_size, lease=lease)
             except SQLAlchemyError as exc:
@@ -208,7 +211,17 @@ class Worker:
                 finally:
                     self._hold(worker_id, [])
             else:
-                self.jobs_wakeup.wait(seen, settings.poll_interval)
+                self.jobs_wakeup.wait(seen, min(settings.poll_interval, REGISTRY_POLL_S))
+
+    def _follow_registry(self, analyzer: Analyzer, name: str) -> None:
+        """Between batches: pick up an activation or a shadow change (no restart)."""
+        refresh = getattr(analyzer, "refresh", None)
+        if refresh is None:
+            return
+        try:
+            refresh(lambda loaded: warm_up(loaded, self.context.equipment))
+        except SQLAlchemyError as exc:  # the registry is unreadable: keep what runs
+            log.warning("model registry not read", worker=name, error=str(exc)[:200])
 
     def _load_analyzer(self, worker_id: str) -> Analyzer | None:
         """Load (and warm up) the analyzer, retrying until it works or the node stops."""

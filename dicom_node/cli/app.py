@@ -16,6 +16,7 @@ from dicom_node.cli.audit import audit_app
 from dicom_node.cli.config_cmd import config_app
 from dicom_node.cli.db import db_app
 from dicom_node.cli.destinations import destinations_app
+from dicom_node.cli.feedback import feedback_app
 from dicom_node.cli.jobs import jobs_app
 from dicom_node.cli.models import models_app
 from dicom_node.cli.rules import rules_app
@@ -63,5 +64,6 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(sends_app, name="sends")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
+app.add_typer(feedback_app, name="feedback")
 app.add_typer(destinations_app, name="destinations")
 app.add_typer(audit_app, name="audit")

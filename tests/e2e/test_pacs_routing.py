@@ -43,6 +43,7 @@ from tests.e2e.orthanc import (
     OrthancError,
     configuration,
 )
+from tests.kermany_dicom import kermany_chests
 from tests.nih_dicom import dx_dataset, pick, read_labels
 from tests.support import NodeProcess, free_port, storescu
 from tests.test_pacs_configs import ORTHANC_DIR, orthanc_json
@@ -331,40 +332,6 @@ def nih_chests(
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
         ds.SOPInstanceUID = generate_uid()
         path = folder / f"nih-{'young-' if youngest_first else ''}{index:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-KERMANY_SIDE = 512  # the gate refuses matrices under 256 pixels; Kermany's JPEGs are 224
-
-
-def kermany_chests(data_dir: Path, folder: Path, count: int) -> list[Path]:
-    """Pediatric chests of the Kermany training set (the pneumonia model's own domain) as
-    DX, upscaled to 512² and with Patient's Age 003Y — its patients are 1 to 5 years old,
-    and it gives no age per image — each with fresh UIDs (its own study)."""
-    import csv
-
-    import numpy as np
-    from PIL import Image
-
-    from tests.nih_dicom import NihImage
-
-    root = data_dir / "kermany-train"
-    with (root / "labels.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    paths = []
-    for index in range(count):
-        row = rows[index % len(rows)]
-        grey = Image.open(root / row["path"]).convert("L")
-        pixels = np.asarray(grey.resize((KERMANY_SIDE, KERMANY_SIDE), Image.Resampling.BICUBIC))
-        image = NihImage(root / row["path"], row["label"], index, 3, "O", "AP", 1024, 0.15)
-        ds = dx_dataset(image, pixels.astype(np.uint8))
-        ds.PatientName, ds.PatientID = f"KERMANY^{index:04d}", f"KERMANY{index:04d}"
-        ds.Manufacturer = "Kermany et al. (test data)"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.SOPInstanceUID = generate_uid()
-        path = folder / f"kermany-{index:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
