@@ -38,6 +38,7 @@ from dicom_node import __version__
 from dicom_node.config import Settings
 from dicom_node.dispatch.reachability import Reachability, check_destinations
 from dicom_node.model_bundles import describe_all
+from dicom_node.models.monitor import model_health
 from storage import heartbeat
 from storage.db import (
     backend_name,
@@ -97,6 +98,8 @@ def _empty_report(settings: Settings) -> dict[str, Any]:
         "dead_letters": None,
         "destinations": {},
         "models": describe_all(settings),
+        "drift": [],  # per model version and signal: see dicom_node.models.drift
+        "model_warnings": [],
         "spool": _spool(settings),
     }
 
@@ -208,6 +211,9 @@ def _fill_counts(engine: Engine, settings: Settings, report: dict[str, Any]) -> 
         report["results"] = counts_by_status(session)
         _fill_sends(session, settings, report)
         _fill_processes(session, settings, report, now)
+        health = model_health(settings, session)
+        report["drift"] = health.status_drift()
+        report["model_warnings"] = health.warnings()
 
 
 def _fill_sends(session: Session, settings: Settings, report: dict[str, Any]) -> None:

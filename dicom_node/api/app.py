@@ -26,21 +26,21 @@ their scripts from a CDN, which a hospital network usually cannot (and should no
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
 from dicom_node.api import heatmap
+from dicom_node.api import models as models_api
 from dicom_node.api.audit import audit_admin, audit_read
 from dicom_node.api.auth import (
     ApiToken,
@@ -49,9 +49,12 @@ from dicom_node.api.auth import (
     Role,
     require_viewer,
 )
+from dicom_node.api.deps import ApiContext, Context, Db
 from dicom_node.api.hardening import HardeningMiddleware
 from dicom_node.api.metrics import ModelInfo, configured_models, make_registry
 from dicom_node.api.schemas import (
+    MAX_ID,
+    UID_PATTERN,
     Health,
     Priority,
     Problem,
@@ -66,7 +69,7 @@ from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.status import collect_status
 from storage import queue
-from storage.db import ping, session_scope
+from storage.db import ping
 from storage.models import Job, Result
 from storage.spool import Spool
 from storage.worklist import DEFAULT_LIMIT, worklist
@@ -74,8 +77,6 @@ from storage.worklist import DEFAULT_LIMIT, worklist
 log = get_logger(__name__)
 
 ACTOR = "api"
-MAX_ID = 2**63 - 1
-UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 PNG = "image/png"
 AUDITED = "audited"  # OpenAPI tag of the routes that write an access audit event
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -87,16 +88,6 @@ _ACTION_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     413: {"model": Problem, "description": "Request body too large."},
 }
-
-
-@dataclass(frozen=True)
-class ApiContext:
-    """What the routes need of the node."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    spool: Spool
-    registry: CollectorRegistry
 
 
 def create_app(
@@ -118,7 +109,9 @@ def create_app(
         redoc_url=None,
     )
     models = configured_models(settings) if models is None else models
-    app.state.context = ApiContext(settings, sessions, spool, make_registry(sessions, models))
+    app.state.context = ApiContext(
+        settings, sessions, spool, make_registry(sessions, models, settings)
+    )
     app.state.authenticator = Authenticator(
         [tokens] if isinstance(tokens, ApiToken) else list(tokens),
         FailureLimiter(http.auth_failure_limit, http.auth_failure_window_s),
@@ -127,24 +120,13 @@ def create_app(
     app.include_router(_viewer, responses=_ERRORS)
     app.include_router(_viewer_audited, responses=_ERRORS)
     app.include_router(_admin, responses=_ACTION_ERRORS)
+    app.include_router(models_api.viewer, responses=_ERRORS)
+    app.include_router(models_api.admin, responses=_ACTION_ERRORS)
     static = resources.files("dicom_node.api") / "static"
     app.mount("/dashboard", StaticFiles(directory=str(static), html=True), name="dashboard")
     app.add_middleware(HardeningMiddleware, max_body_bytes=http.max_body_bytes)
     return app
 
-
-def _context(request: Request) -> ApiContext:
-    context: ApiContext = request.app.state.context
-    return context
-
-
-def _session(context: Annotated[ApiContext, Depends(_context)]) -> Iterator[Session]:
-    with session_scope(context.sessions) as session:
-        yield session
-
-
-Context = Annotated[ApiContext, Depends(_context)]
-Db = Annotated[Session, Depends(_session)]
 
 _public = APIRouter()
 _viewer = APIRouter(tags=[Role.VIEWER.value], dependencies=[Depends(require_viewer)])

@@ -16,6 +16,12 @@ restart loses nothing.
   the whole job in its worker). Built at scrape time with one aggregate statement over
   all results, so it is cumulative like any Prometheus histogram and ``rate()`` works;
   a re-run job replaces its result's timings, which is rare enough not to matter;
+* ``cxr_node_model_drift_psi`` and ``cxr_node_model_drift_level{model,version,role,
+  finding_code,signal}`` — drift of each version in force against its reference
+  (level 0 ok, 1 warn, 2 alert; :mod:`dicom_node.models.drift`);
+* ``cxr_node_model_live_auroc`` and ``cxr_node_model_below_card{model,version,role,
+  finding_code}`` — live performance against readers' feedback, and 1 when it is
+  significantly below the model card;
 * ``cxr_node_database_up`` — 0 when the database did not answer (then nothing else).
 """
 
@@ -41,6 +47,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.model_bundles import configured_bundles
+from dicom_node.models.drift import LEVELS
+from dicom_node.models.monitor import ModelHealth, model_health
 from inference.manifest import WEIGHTS, BundleError, read_metadata
 from storage.db import session_scope
 from storage.models import Result
@@ -86,15 +94,23 @@ def configured_models(settings: Settings) -> list[ModelInfo]:
 class NodeCollector(Collector):
     """Reads the figures above from the database at every scrape."""
 
-    def __init__(self, sessions: sessionmaker[Session], models: Sequence[ModelInfo]) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        models: Sequence[ModelInfo],
+        settings: Settings | None = None,
+    ) -> None:
         self.sessions = sessions
         self.models = tuple(models)
+        self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
         yield self._model_info()
         try:
             with session_scope(self.sessions) as session:
                 families = list(_database_families(session))
+                if self.settings is not None:
+                    families += _model_health_families(model_health(self.settings, session))
         except SQLAlchemyError as exc:
             log.warning("metrics: database unavailable", error=str(exc).splitlines()[0][:200])
             yield _gauge("database_up", "Whether the database answered the scrape.", 0)
@@ -158,14 +174,52 @@ def _stage_histogram(session: Session) -> Metric:
     return histogram
 
 
+def _model_health_families(health: ModelHealth) -> Iterator[Metric]:
+    """Drift per version and signal; live AUROC and the below-card flag per version."""
+    labels = ["model", "version", "role", "finding_code", "signal"]
+    psi = GaugeMetricFamily(
+        f"{PREFIX}_model_drift_psi",
+        "Population stability index against the reference.",
+        labels=labels,
+    )
+    level = GaugeMetricFamily(
+        f"{PREFIX}_model_drift_level", "Drift level: 0 ok, 1 warn, 2 alert.", labels=labels
+    )
+    for entry in health.drift:
+        values = [entry[k] for k in labels]
+        psi.add_metric(values, entry["psi"])
+        level.add_metric(values, LEVELS.index(entry["level"]))
+    yield psi
+    yield level
+    labels = ["model", "version", "role", "finding_code"]
+    auroc = GaugeMetricFamily(
+        f"{PREFIX}_model_live_auroc", "AUROC against readers' feedback.", labels=labels
+    )
+    below = GaugeMetricFamily(
+        f"{PREFIX}_model_below_card",
+        "1 when the live figures are significantly below the model card's.",
+        labels=labels,
+    )
+    for entry in health.performance:
+        values = [entry[k] for k in labels]
+        if entry["auroc"] is not None:
+            auroc.add_metric(values, entry["auroc"])
+        below.add_metric(values, 1.0 if entry["below_card"] else 0.0)
+    yield auroc
+    yield below
+
+
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
 
 
 def make_registry(
-    sessions: sessionmaker[Session], models: Sequence[ModelInfo]
+    sessions: sessionmaker[Session],
+    models: Sequence[ModelInfo],
+    settings: Settings | None = None,
 ) -> CollectorRegistry:
-    """A registry of its own (not the global one: several apps may live in one process)."""
+    """A registry of its own (not the global one: several apps may live in one process);
+    with ``settings``, the models' drift and live performance too."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(sessions, models))
+    registry.register(NodeCollector(sessions, models, settings))
     return registry

@@ -18,6 +18,12 @@ StudyStatus = Literal["received", "running", "queued", "done", "partial", "faile
 JobStateName = Literal["received", "queued", "running", "done", "failed", "skipped"]
 
 
+MAX_ID = 2**63 - 1
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+CODE_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
+
+
 class Problem(BaseModel):
     """An error (FastAPI's shape): 401, 404, 409."""
 
@@ -154,3 +160,22 @@ class RetriedJob(BaseModel):
 
 
 StatusReport = dict[str, Any]
+
+
+class FeedbackIn(BaseModel):
+    """One reader's label: a study or an image, a finding by its code, present or not."""
+
+    study_instance_uid: str | None = Field(None, max_length=64, pattern=UID_PATTERN)
+    sop_instance_uid: str | None = Field(None, max_length=64, pattern=UID_PATTERN)
+    finding_code: str = Field(pattern=CODE_PATTERN, examples=["233604007"])
+    present: bool
+    reader: str = Field(pattern=NAME_PATTERN)
+    source: str = Field("api", max_length=32, pattern=NAME_PATTERN)
+
+
+class FeedbackStored(BaseModel):
+    stored: int
+    matched: int = Field(description="Labels naming an image or study scored here.")
+
+
+ModelsReport = dict[str, Any]

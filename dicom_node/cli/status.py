@@ -73,6 +73,8 @@ def _print_status(report: dict[str, Any]) -> None:
         identity = f"{model['name']} {model['version']}" if model["name"] else model["error"]
         digest = (model["sha256"] or "-")[:12]
         table.add_row(f"model ({model['role']})", f"{identity} sha256 {digest}")
+    for warning in report.get("model_warnings", []):
+        table.add_row("[yellow]model warning[/yellow]", warning)
     free_gib = spool["free_bytes"] / 1024**3
     table.add_row("spool", f"{spool['path']} — {free_gib:.1f} GiB free ({spool['free_percent']} %)")
     if spool.get("images_bytes") is not None:
