@@ -1,15 +1,23 @@
-// Read-only worklist of the node: fetches the API every few seconds and updates the DOM in
-// place (no page reloads, no framework, nothing from outside the node).
+// Read-only dashboard of the node: the worklist (fetched every few seconds) and the models
+// page (every 30 s while shown), updated in place (no page reloads, no framework, nothing
+// from outside the node). The view is the address's fragment: #worklist or #models.
 //
 // The token: opened as /dashboard/#token=..., the page keeps it in sessionStorage (this tab
 // only) and removes it from the address bar; otherwise it asks once. A 401 asks again.
 "use strict";
 
 const REFRESH_MS = 5000;
+const MODELS_REFRESH_MS = 30000;
 const TOKEN_KEY = "cxr-node-api-token";
+const VIEWS = ["worklist", "models"];
+const SVG_NS = "http://www.w3.org/2000/svg";
 const rows = new Map(); // study UID -> {row, detail}
 const expanded = new Set();
 let timer = null;
+let modelsTimer = null;
+let started = false;
+let view = "worklist";
+let modelsRequest = 0; // the latest models request: an older answer arriving late is dropped
 
 function token() {
   return sessionStorage.getItem(TOKEN_KEY);
@@ -20,8 +28,14 @@ function takeTokenFromFragment() {
   const value = params.get("token");
   if (value) {
     sessionStorage.setItem(TOKEN_KEY, value);
-    history.replaceState(null, "", location.pathname + location.search);
+    const keep = params.get("view") === "models" || params.has("models") ? "#models" : "";
+    history.replaceState(null, "", location.pathname + location.search + keep);
   }
+}
+
+function viewFromFragment() {
+  const name = location.hash.slice(1);
+  return VIEWS.includes(name) ? name : "worklist";
 }
 
 class Unauthorized extends Error {}
@@ -236,23 +250,277 @@ function renderHealth(status) {
   );
 }
 
+// -- models -----------------------------------------------------------------------------
+
+function fixed(value, digits = 3) {
+  return value == null || !Number.isFinite(value) ? "—" : value.toFixed(digits);
+}
+
+// "0.826 (0.748–0.903)"; the interval wraps as a whole, if at all.
+function withCi(value, ci) {
+  const [lo, hi] = ci || [];
+  if (value == null && lo == null && hi == null) return "—";
+  const box = el("span", { class: "with-ci" }, `${fixed(value)} `);
+  box.append(el("span", { class: "ci" }, `(${fixed(lo)}–${fixed(hi)})`));
+  return box;
+}
+
+function stateBadge(state) {
+  return el("span", { class: `badge state state-${state}` }, state || "—");
+}
+
+function levelBadge(level) {
+  return el("span", { class: `badge level level-${level}` }, level || "—");
+}
+
+function column(name, value, attrs = {}) {
+  return el("td", { "data-column": name, ...attrs }, value ?? "—");
+}
+
+const ROLE_ORDER = { screen: 0, confirm: 1, segment: 2 };
+const STATE_ORDER = { active: 0, shadow: 1, installed: 2 };
+
+function renderVersions(models) {
+  const sorted = [...models].sort(
+    (a, b) =>
+      String(a.finding).localeCompare(String(b.finding)) ||
+      (ROLE_ORDER[a.role] ?? 9) - (ROLE_ORDER[b.role] ?? 9) ||
+      (STATE_ORDER[a.state] ?? 9) - (STATE_ORDER[b.state] ?? 9),
+  );
+  const body = document.getElementById("versions-body");
+  body.replaceChildren(
+    ...sorted.map((m) => {
+      const name = column("name", m.name || "—", m.sha256 ? { title: `sha256 ${m.sha256}` } : {});
+      if (m.error) name.append(el("div", { class: "warning" }, m.error));
+      return el(
+        "tr",
+        { class: `version state-${m.state}` },
+        column("finding", m.finding),
+        column("role", m.role),
+        name,
+        column("version", m.version),
+        el("td", { "data-column": "state" }, stateBadge(m.state)),
+        column("source", m.source),
+        column("parent", m.parent || "—"),
+      );
+    }),
+  );
+  document.getElementById("versions").hidden = sorted.length === 0;
+  document.getElementById("versions-empty").hidden = sorted.length > 0;
+}
+
+function findingNames(models) {
+  const byCode = new Map();
+  const byModel = new Map();
+  for (const m of models) {
+    if (m.finding_code) byCode.set(m.finding_code, m.finding);
+    if (m.name) byModel.set(`${m.name}@${m.version}`, m.finding);
+  }
+  return (entry) =>
+    byCode.get(entry.finding_code) ?? byModel.get(`${entry.model}@${entry.version}`) ?? "";
+}
+
+function renderPerformance(entries, findingOf) {
+  const body = document.getElementById("performance-body");
+  body.replaceChildren(
+    ...entries.map((p) => {
+      const finding = findingOf(p);
+      const card = p.card || null;
+      const verdict = el("td", { "data-column": "card_verdict" });
+      if (p.below_card) {
+        verdict.append(
+          el("span", { class: "badge below-card", title: p.warning || "below the card" }, "below card"),
+        );
+      }
+      return el(
+        "tr",
+        { class: "performance" },
+        el("td", { "data-column": "model" }, p.model, el("wbr"), `@${p.version}`),
+        column("finding", finding ? `${finding} (${p.finding_code})` : p.finding_code),
+        column("role", p.role),
+        column("n_labelled", p.n_labelled ?? "—", {
+          title: `${p.n_positive ?? "?"} positive, ${p.n_negative ?? "?"} negative`,
+        }),
+        column("prevalence", p.prevalence == null ? "—" : percent(p.prevalence)),
+        column("auroc", withCi(p.auroc, p.auroc_ci)),
+        column("sensitivity", withCi(p.sensitivity, p.sensitivity_ci), {
+          title: p.threshold == null ? "" : `at threshold ${p.threshold}`,
+        }),
+        column("specificity", withCi(p.specificity, p.specificity_ci)),
+        column("ece", fixed(p.ece)),
+        column("card_auroc", card ? fixed(card.auroc) : "—", card ? { title: `card: ${card.source}` } : {}),
+        verdict,
+      );
+    }),
+  );
+  document.getElementById("performance").hidden = entries.length === 0;
+  document.getElementById("performance-empty").hidden = entries.length > 0;
+}
+
+function svg(tag, attrs = {}, text = null) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
+  if (text != null) node.textContent = String(text);
+  return node;
+}
+
+// Reference vs now as side-by-side bars per bin, scaled to the largest share.
+function driftChart(entry) {
+  const plot = entry.plot || { bins: [], reference: [], live: [] };
+  const bins = plot.bins || [];
+  const width = 360;
+  const top = 14;
+  const plotHeight = 100;
+  const left = 34; // room for the first rotated bin label
+  const height = top + plotHeight + 62;
+  const shares = [...(plot.reference || []), ...(plot.live || [])].filter((v) => v != null);
+  const max = Math.max(0.01, ...shares);
+  const groupWidth = (width - left - 6) / Math.max(1, bins.length);
+  const barWidth = Math.min(groupWidth * 0.4, 28);
+  const chart = svg("svg", {
+    viewBox: `0 0 ${width} ${height}`,
+    class: "drift-chart",
+    role: "img",
+    "aria-label": `${entry.signal}: reference and now, share per bin`,
+  });
+  chart.append(
+    svg("line", { x1: left, x2: width - 6, y1: top + plotHeight, y2: top + plotHeight, class: "axis" }),
+    svg("text", { x: left, y: top - 4, class: "scale" }, `max ${percent(max)}`),
+  );
+  bins.forEach((bin, i) => {
+    const x = left + i * groupWidth;
+    const group = svg("g", { class: "bin" });
+    const reference = plot.reference?.[i];
+    const live = plot.live?.[i];
+    group.append(svg("title", {}, `${bin}: reference ${percent(reference)}, now ${percent(live)}`));
+    const cx = x + groupWidth / 2;
+    [
+      ["bar-reference", reference, cx - barWidth - 1],
+      ["bar-live", live, cx + 1],
+    ].forEach(([kind, share, bx]) => {
+      const h = share == null ? 0 : (share / max) * plotHeight;
+      group.append(
+        svg("rect", {
+          class: `bar ${kind}`,
+          x: bx.toFixed(1),
+          y: (top + plotHeight - h).toFixed(1),
+          width: barWidth.toFixed(1),
+          height: h.toFixed(1),
+        }),
+      );
+    });
+    const ly = top + plotHeight + 10;
+    group.append(
+      svg("text", { x: cx.toFixed(1), y: ly, class: "bin-label", transform: `rotate(-40 ${cx.toFixed(1)} ${ly})` }, bin),
+    );
+    chart.append(group);
+  });
+  return chart;
+}
+
+function renderDrift(entries) {
+  const box = document.getElementById("drift-plots");
+  box.replaceChildren(
+    ...entries.map((d) => {
+      const title = `${d.model}@${d.version} · ${d.signal}`;
+      const reference = d.reference === "site_baseline" ? "site baseline" : d.reference;
+      const facts = [
+        `PSI ${fixed(d.psi)}`,
+        `p ${d.p_value == null ? "—" : d.p_value.toPrecision(2)}`,
+        `n ${d.n ?? "—"}`,
+        `reference: ${reference || "—"}, n ${d.reference_n ?? "—"}`,
+      ];
+      const figure = el("figure", { class: `drift level-${d.level}`, "data-signal": d.signal });
+      const caption = el(
+        "figcaption",
+        {},
+        el("span", { class: "drift-title" }, title),
+        " ",
+        levelBadge(d.level),
+      );
+      if (d.role === "shadow") caption.append(" ", el("span", { class: "muted" }, "(shadow)"));
+      figure.append(
+        caption,
+        driftChart(d),
+        el(
+          "p",
+          { class: "legend" },
+          el("span", { class: "swatch bar-reference" }),
+          "reference ",
+          el("span", { class: "swatch bar-live" }),
+          "now",
+        ),
+        el("p", { class: "muted drift-facts" }, facts.join(" · ")),
+      );
+      return figure;
+    }),
+  );
+  document.getElementById("drift-empty").hidden = entries.length > 0;
+}
+
+function renderModels(report) {
+  const models = report.models || [];
+  renderVersions(models);
+  renderPerformance(report.performance || [], findingNames(models));
+  renderDrift(report.drift || []);
+  document.getElementById("models-updated").textContent =
+    `updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function refreshModels() {
+  const request = ++modelsRequest;
+  try {
+    const report = await api("/api/models");
+    if (request !== modelsRequest || view !== "models") return;
+    renderModels(report);
+    document.getElementById("models-error").hidden = true;
+  } catch (error) {
+    if (request === modelsRequest) handle(error, "models-error");
+  }
+}
+
+// -- views ------------------------------------------------------------------------------
+
+function showView(name) {
+  view = name;
+  document.getElementById("worklist-view").hidden = name !== "worklist";
+  document.getElementById("models").hidden = name !== "models";
+  for (const other of VIEWS) {
+    const link = document.getElementById(`nav-${other}`);
+    if (other === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  clearInterval(modelsTimer);
+  modelsTimer = null;
+  if (!started) return;
+  refresh();
+  if (name === "models") {
+    refreshModels();
+    modelsTimer = setInterval(refreshModels, MODELS_REFRESH_MS);
+  }
+}
+
 // -- loop -------------------------------------------------------------------------------
 
-function handle(error) {
+function handle(error, boxId = "error") {
   if (error instanceof Unauthorized) {
     sessionStorage.removeItem(TOKEN_KEY);
     askForToken();
     return;
   }
-  const box = document.getElementById("error");
+  const box = document.getElementById(boxId);
   box.textContent = error.message;
   box.hidden = false;
 }
 
 async function refresh() {
   try {
-    const [worklist, status] = await Promise.all([api("/api/worklist"), api("/api/status")]);
-    renderWorklist(worklist);
+    const worklistShown = view === "worklist";
+    const [status, worklist] = await Promise.all([
+      api("/api/status"),
+      worklistShown ? api("/api/worklist") : null,
+    ]);
+    if (worklist) renderWorklist(worklist);
     renderHealth(status);
     document.getElementById("error").hidden = true;
   } catch (error) {
@@ -262,13 +530,17 @@ async function refresh() {
 
 function start() {
   document.getElementById("login").hidden = true;
-  refresh();
+  started = true;
   clearInterval(timer);
   timer = setInterval(refresh, REFRESH_MS);
+  showView(viewFromFragment());
 }
 
 function askForToken() {
+  started = false;
   clearInterval(timer);
+  clearInterval(modelsTimer);
+  modelsTimer = null;
   document.getElementById("login").hidden = false;
   document.getElementById("token-input").focus();
 }
@@ -279,7 +551,11 @@ document.addEventListener("DOMContentLoaded", () => {
     sessionStorage.setItem(TOKEN_KEY, document.getElementById("token-input").value.trim());
     start();
   });
+  window.addEventListener("hashchange", () => showView(viewFromFragment()));
   takeTokenFromFragment();
   if (token()) start();
-  else askForToken();
+  else {
+    showView(viewFromFragment());
+    askForToken();
+  }
 });
