@@ -45,13 +45,13 @@ def get_models(context: Context, session: Db) -> dict[str, Any]:
     "/api/feedback",
     response_model=FeedbackStored,
     status_code=201,
-    responses={422: {"model": Problem}},
+    responses={400: {"model": Problem}},
     summary="A reader's label for a finding on a study or an image (admin; audited).",
 )
 def post_feedback(session: Db, body: FeedbackIn) -> FeedbackStored:
     try:
         label = label_of(body.model_dump(), "api")
     except FeedbackError as exc:
-        raise HTTPException(422, detail=str(exc)) from None
+        raise HTTPException(400, detail=str(exc)) from None
     stored = add_feedback(session, [label], actor=ACTOR)
     return FeedbackStored(stored=stored, matched=known_cases(session, [label]))

@@ -175,7 +175,7 @@ def _plot(stored: Mapping[str, Any], counts: Any) -> dict[str, Any]:
     """Bins with the reference's and the live proportions (the dashboard's bars)."""
     if stored["kind"] == "numeric":
         edges = [float(e) for e in stored["edges"]]
-        bounds = [f"{e:.3g}" for e in edges]
+        bounds = _distinct_labels(edges)
         labels = (
             [f"≤{bounds[0]}"]
             + [f"{a}–{b}" for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -194,6 +194,20 @@ def _plot(stored: Mapping[str, Any], counts: Any) -> dict[str, Any]:
         "reference": _shares(reference_counts),
         "live": _shares(live_counts),
     }
+
+
+def _distinct_labels(edges: Sequence[float]) -> list[str]:
+    """The shortest rounding that keeps neighbouring edges apart (probabilities pile up
+    just below 1: 0.99994 and 0.99998 must not both read "1")."""
+    for digits in range(3, 10):
+        labels = [f"{e:.{digits}g}" for e in edges]
+        exact = all(
+            float(label) != round(e) or e == round(e)
+            for e, label in zip(edges, labels, strict=True)
+        )
+        if len(set(labels)) == len(labels) and exact:
+            return labels
+    return [repr(e) for e in edges]
 
 
 def _shares(counts: Sequence[int]) -> list[float]:

@@ -320,7 +320,8 @@ def listing(settings: Settings, session: Session) -> list[dict[str, Any]]:
         replaced = current.get((finding, role, ACTIVE)) is not None
         entry.update(
             {
-                "finding": finding if role == "segment" else bundle.finding,
+                # a segmentation bundle run for the anatomy alone answers no finding
+                "finding": finding if MEASURED in bundle.finding else bundle.finding,
                 "state": "installed" if replaced else "active",
                 "source": "configured",
                 "parent": None,
