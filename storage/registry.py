@@ -325,30 +325,22 @@ def known_cases(session: Session, labels: Sequence[Label]) -> int:
         for label in labels
         if label.study_instance_uid and not label.sop_instance_uid
     }
-    found_sops: set[str] = set()
-    found_studies: set[str] = set()
-    for chunk in _chunks(sorted(sops)):
-        found_sops |= set(
-            session.scalars(
-                select(ModelScore.sop_instance_uid)
-                .where(ModelScore.sop_instance_uid.in_(chunk))
-                .distinct()
-            )
-        )
-    for chunk in _chunks(sorted(studies)):
-        found_studies |= set(
-            session.scalars(
-                select(ModelScore.study_instance_uid)
-                .where(ModelScore.study_instance_uid.in_(chunk))
-                .distinct()
-            )
-        )
+    found_sops = _scored(session, ModelScore.sop_instance_uid, sops)
+    found_studies = _scored(session, ModelScore.study_instance_uid, studies)
     return sum(
         1
         for label in labels
         if (label.sop_instance_uid or None) in found_sops
         or (not label.sop_instance_uid and label.study_instance_uid in found_studies)
     )
+
+
+def _scored(session: Session, column: Any, uids: set[str]) -> set[str]:
+    """The ``uids`` that appear in ``column`` of the scores (queried 500 at a time)."""
+    found: set[str] = set()
+    for chunk in _chunks(sorted(uids)):
+        found |= set(session.scalars(select(column).where(column.in_(chunk)).distinct()))
+    return found
 
 
 def _chunks(values: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:

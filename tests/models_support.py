@@ -64,8 +64,11 @@ def scores(
     threshold: float = 0.5,
     manufacturer: str | None = None,
     ood_distance: float | None = 0.35,
+    ood_distances: Sequence[float] | None = None,
 ) -> None:
-    """One score per case (None: not assessed, refused)."""
+    """One score per case (None: not assessed, refused); ``ood_distances`` per case, or
+    ``ood_distance`` for all."""
+    distances = ood_distances or [ood_distance] * len(cases)
     record_scores(
         session,
         [
@@ -83,7 +86,7 @@ def scores(
                 threshold=None if p is None else threshold,
                 stage=None if p is None else "confirm",
                 refused=p is None,
-                ood_distance=ood_distance,
+                ood_distance=distance,
                 age=3.0,
                 sex="F",
                 view="AP",
@@ -92,6 +95,6 @@ def scores(
                 photometric="MONOCHROME2",
                 bits="8",
             )
-            for case, p in zip(cases, probabilities, strict=True)
+            for case, p, distance in zip(cases, probabilities, distances, strict=True)
         ],
     )

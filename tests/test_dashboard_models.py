@@ -1,8 +1,8 @@
 """The dashboard's models page in a real headless browser (chromium via chromedriver).
 
-A node serving the API gets, through the real storage code (``storage.records`` for the
-images, ``storage.registry`` for the scores and the readers' labels), :data:`CASES`
-images scored today by the shipped pneumonia confirm model, each labelled by a reader.
+A node serving the API gets, through the real storage code (``storage.registry`` for the
+scores and the readers' labels), :data:`CASES` images scored today by the shipped
+pneumonia confirm model, each labelled by a reader.
 The browser opens the dashboard, switches to the models view and must show the shipped
 versions in force, the live performance row with exactly the figures
 :func:`dicom_node.models.performance.performance` computes from the same database (the
@@ -17,20 +17,17 @@ import random
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from pydicom.uid import generate_uid
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import registry as model_registry
 from dicom_node.models.performance import performance
 from storage.db import session_scope
-from storage.models import Instance, ModelScore, utcnow
-from storage.records import ReceivedInstance, record_received
-from storage.registry import Label, add_feedback, record_scores
+from storage.registry import Label, add_feedback
 from tests import test_dashboard
 from tests.api_support import TOKEN, VIEWER_TOKEN, ApiNode
+from tests.models_support import instances, scores
 from tests.test_dashboard import console, csp_violations, wait_for
 
 # The dashboard test's fixtures: a real Chromium, and a node serving the API (per backend).
@@ -49,86 +46,28 @@ SHIPPED = {
 
 
 def seed_scores(sessions: sessionmaker[Session], cases: int = CASES) -> None:
-    """``cases`` images of one study, each scored by the confirm model and labelled."""
+    """``cases`` images, each scored by the confirm model and labelled by a reader."""
     rng = random.Random(20261203)
-    study = generate_uid()
-    series = generate_uid()
-    sops = []
-    for n in range(cases):
-        sop = generate_uid()
-        sha = f"{n + 1:064x}"
-        record_received(
-            sessions,
-            ReceivedInstance(
-                study_instance_uid=study,
-                series_instance_uid=series,
-                sop_instance_uid=sop,
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
-                sha256=sha,
-                size_bytes=1000,
-                spool_path=f"objects/{sha[:2]}/{sha}.dcm",
-                calling_ae="PACS",
-                called_ae="CXR_AI",
-                peer_address="127.0.0.1",
-                peer_port=4242,
-                received_at=utcnow(),
-                modality="DX",
-                body_part_examined="CHEST",
-                view_position="PA",
-                accession_number="ACC-MODELS",
-            ),
-            actor="test",
-        )
-        sops.append(sop)
+    truth = [n % 3 == 0 for n in range(cases)]  # prevalence 1/3
+    # Overlapping classes: a live AUROC well below the card's 0.997.
+    probabilities = [min(max(rng.gauss(0.72 if t else 0.42, 0.2), 0.001), 0.999) for t in truth]
     with session_scope(sessions) as session:
-        ids = dict(
-            session.execute(
-                select(Instance.sop_instance_uid, Instance.id).where(
-                    Instance.sop_instance_uid.in_(sops)
-                )
-            ).all()
+        made = instances(session, cases)
+        scores(
+            session,
+            made,
+            probabilities,
+            model=MODEL,
+            version=VERSION,
+            finding_code=PNEUMONIA,
+            threshold=THRESHOLD,
+            manufacturer="ACME",
+            ood_distances=[rng.uniform(0.3, 0.6) for _ in made],
         )
-        scores, labels = [], []
-        for n, sop in enumerate(sops):
-            present = n % 3 == 0  # prevalence 1/3
-            # Overlapping classes: a live AUROC well below the card's 0.997.
-            probability = min(max(rng.gauss(0.72 if present else 0.42, 0.2), 0.001), 0.999)
-            scores.append(
-                ModelScore(
-                    instance_id=ids[sop],
-                    sop_instance_uid=sop,
-                    study_instance_uid=study,
-                    finding_code=PNEUMONIA,
-                    model=MODEL,
-                    version=VERSION,
-                    role="active",
-                    assessed=True,
-                    probability=probability,
-                    present=probability >= THRESHOLD,
-                    threshold=THRESHOLD,
-                    stage="confirm",
-                    refused=False,
-                    ood_distance=rng.uniform(0.3, 0.6),
-                    age=float(rng.randint(20, 90)),
-                    sex=rng.choice(["F", "M"]),
-                    view="PA",
-                    manufacturer="ACME",
-                    pixel_spacing=0.15,
-                    photometric="MONOCHROME2",
-                    bits="12",
-                )
-            )
-            labels.append(
-                Label(
-                    finding_code=PNEUMONIA,
-                    present=present,
-                    reader="dr-test",
-                    source="test",
-                    sop_instance_uid=sop,
-                )
-            )
-        record_scores(session, scores)
+        labels = [
+            Label(PNEUMONIA, present, "dr-test", "test", sop_instance_uid=case.sop_instance_uid)
+            for case, present in zip(made, truth, strict=True)
+        ]
         add_feedback(session, labels, actor="test")
 
 
