@@ -38,6 +38,7 @@ from dicom_node import __version__
 from dicom_node.config import Settings
 from dicom_node.dispatch.reachability import Reachability, check_destinations
 from dicom_node.model_bundles import describe_all
+from dicom_node.models import registry
 from dicom_node.models.monitor import model_health
 from storage import heartbeat
 from storage.db import (
@@ -211,6 +212,8 @@ def _fill_counts(engine: Engine, settings: Settings, report: dict[str, Any]) -> 
         report["results"] = counts_by_status(session)
         _fill_sends(session, settings, report)
         _fill_processes(session, settings, report, now)
+        in_force = registry.listing(settings, session)  # the registry's choice, if any
+        report["models"] = [m for m in in_force if m["state"] in ("active", "shadow")]
         health = model_health(settings, session)
         report["drift"] = health.status_drift()
         report["model_warnings"] = health.warnings()

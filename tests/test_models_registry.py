@@ -32,6 +32,7 @@ from dicom_node.models.following import FollowingAnalyzer
 from dicom_node.pipeline import Pipeline, PipelineContext
 from dicom_node.receive import StoreService
 from dicom_node.results.common import Equipment
+from dicom_node.status import collect_status
 from inference.manifest import CONFIRM_BUNDLE, WEIGHTS
 from storage.db import session_scope
 from storage.registry import ACTIVE, in_force
@@ -97,14 +98,14 @@ def node(tmp_path: Path, database_url: str, sessions: sessionmaker[Session]) -> 
 
 
 def write_labels(path: Path, cases: list[KermanyCase]) -> None:
-    """Half the labels per study, half per image; the first case first gets a wrong
-    label, then the right one (a later label supersedes)."""
+    """Half the labels per study, half per image; the second case first gets a wrong
+    label of its study, then the right one (a later label supersedes)."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["study_instance_uid", "sop_instance_uid", "finding_code", "present", "reader"]
         )
-        first = cases[0]
+        first = cases[1]  # labelled per study below: a wrong study label first
         writer.writerow(
             [first.study_instance_uid, "", PNEUMONIA, int(first.label != "pneumonia"), "dr.a"]
         )
@@ -237,6 +238,10 @@ def test_feedback_performance_calibrate_shadow_compare_activate(
     assert "1.0.0+site.1" not in sr_algorithm_versions(node, [c.sop_instance_uid for c in cases])
     listed = {(m["name"], m["version"]): m["state"] for m in node.cli("models", "list")}
     assert listed[(CONFIRM, "1.0.0+site.1")] == "active"
+    in_force = collect_status(node.settings, echo=False)["models"]
+    assert {(m["name"], m["version"]) for m in in_force if m["role"] == "confirm"} == {
+        (CONFIRM, "1.0.0+site.1")
+    }
 
     rolled = node.cli("models", "rollback", "pneumonia", "--reason", "back")
     assert rolled["name_version"] == "configured"

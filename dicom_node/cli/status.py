@@ -72,7 +72,8 @@ def _print_status(report: dict[str, Any]) -> None:
     for model in report.get("models", []):
         identity = f"{model['name']} {model['version']}" if model["name"] else model["error"]
         digest = (model["sha256"] or "-")[:12]
-        table.add_row(f"model ({model['role']})", f"{identity} sha256 {digest}")
+        shadow = " (shadow)" if model.get("state") == "shadow" else ""
+        table.add_row(f"model ({model['role']}){shadow}", f"{identity} sha256 {digest}")
     for warning in report.get("model_warnings", []):
         table.add_row("[yellow]model warning[/yellow]", warning)
     free_gib = spool["free_bytes"] / 1024**3
