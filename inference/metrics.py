@@ -58,7 +58,9 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
 def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
     """Highest threshold whose sensitivity (prob >= threshold) is at least ``target``."""
     positives = np.sort(np.asarray(probs)[np.asarray(labels).astype(bool)])
-    allowed_misses = int(np.floor((1.0 - target) * len(positives)))
+    # ceil(target * n) positives must be called; the epsilon keeps float error (0.9 * 10
+    # = 9.000000000000002) from demanding one more than the target needs.
+    allowed_misses = len(positives) - max(1, math.ceil(target * len(positives) - 1e-9))
     return float(positives[allowed_misses])
 
 

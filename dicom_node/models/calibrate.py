@@ -23,7 +23,6 @@ runs only once shadowed or activated.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -122,11 +121,9 @@ def calibrate(
 
 def _fit(z: np.ndarray, labels: np.ndarray, fittable: np.ndarray, target: float) -> Fit:
     temperature = metrics.fit_temperature(z[fittable], labels[fittable])
-    p = _sigmoid(z / temperature)
-    positives = np.sort(p[fittable & labels])[::-1]  # highest first
-    needed = math.ceil(target * int(labels.sum()) - 1e-9)  # positives to call present
-    threshold = float(positives[max(needed, 1) - 1])
-    return Fit(temperature, threshold)
+    # Cases the screen called absent stay absent: they count as misses at any threshold.
+    p = np.where(fittable, _sigmoid(z / temperature), -np.inf)
+    return Fit(temperature, metrics.threshold_for_sensitivity(labels, p, target))
 
 
 def _bootstrap(
