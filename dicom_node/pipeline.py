@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -102,6 +103,11 @@ class _Work:
     dataset: Dataset
     decision: RouteDecision
     started: float = field(default_factory=time.perf_counter)
+
+    @cached_property
+    def descriptors(self) -> dict[str, str | float | None]:
+        """The header descriptors monitoring keeps (read once for active and shadow)."""
+        return input_descriptors(self.dataset)
 
 
 WriteLate = Callable[[StudyPriority], list[Output]]
@@ -235,7 +241,7 @@ class Pipeline:
             instance_id=work.job.instance_id,
             sop_instance_uid=work.job.sop_instance_uid,
             study_instance_uid=str(work.dataset.get("StudyInstanceUID", "")),
-            descriptors=input_descriptors(work.dataset),
+            descriptors=work.descriptors,
             decision=getattr(self.analyzer, "decision", {}),
             role=role,
             only=only,

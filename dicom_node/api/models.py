@@ -17,9 +17,8 @@ from dicom_node.api.auth import Role, require_viewer
 from dicom_node.api.deps import Context, Db
 from dicom_node.api.schemas import FeedbackIn, FeedbackStored, ModelsReport, Problem
 from dicom_node.models import registry
-from dicom_node.models.drift import drift, monitored
 from dicom_node.models.feedback import FeedbackError, label_of
-from dicom_node.models.performance import performance
+from dicom_node.models.monitor import model_health
 from storage.registry import add_feedback, known_cases
 
 ACTOR = "api"
@@ -33,11 +32,11 @@ admin = APIRouter(tags=[Role.ADMIN.value, "audited"], dependencies=[Depends(audi
     summary="Model versions, live performance with 95 % CIs, and drift.",
 )
 def get_models(context: Context, session: Db) -> dict[str, Any]:
-    settings = context.settings
+    health = model_health(context.settings, session)
     return {
-        "models": registry.listing(settings, session),
-        "performance": performance(session, registry.cards(settings, session)),
-        "drift": drift(session, monitored(settings, session)),
+        "models": registry.listing(context.settings, session),
+        "performance": health.performance,
+        "drift": health.drift,
     }
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
 from dicom_node.model_bundles import configured_bundles
-from dicom_node.models.registry import MEASURED, plan, slot_of
+from dicom_node.models.registry import finding_of, plan, slot_of
 from inference import reference as ref
 from inference.manifest import BundleError, read_metadata
 from storage import registry as rows
@@ -62,7 +62,7 @@ def monitored(settings: Settings, session: Session) -> list[Monitored]:
             continue
         version = current.versions.get((finding, role))
         path = Path(version.path) if version is not None else bundle.path
-        entry = _entry(path, ACTIVE, finding)
+        entry = _entry(path, ACTIVE)
         if entry is not None:
             found.append(entry)
     for shadow in current.shadows:
@@ -71,19 +71,15 @@ def monitored(settings: Settings, session: Session) -> list[Monitored]:
     return found
 
 
-def _entry(path: Path, role: str, finding: str) -> Monitored | None:
+def _entry(path: Path, role: str) -> Monitored | None:
     try:
         meta = read_metadata(path)
     except BundleError:
         return None
-    code = (
-        (meta.get("cardiomegaly") or {}).get("code")
-        if finding == MEASURED
-        else (meta.get("labels") or [{}])[0].get("code")
-    )
-    if not code:
+    answered = finding_of(meta)
+    if answered is None:
         return None
-    return Monitored(str(code), str(meta["name"]), str(meta["version"]), role, path)
+    return Monitored(answered[1], str(meta["name"]), str(meta["version"]), role, path)
 
 
 def drift(session: Session, versions: Sequence[Monitored]) -> list[dict[str, Any]]:
@@ -96,20 +92,21 @@ def drift(session: Session, versions: Sequence[Monitored]) -> list[dict[str, Any
         live = rows.window(session, *key, limit=WINDOW_MAX, since=since)
         if len(live) < MIN_N:
             continue
-        baseline: list[Any] | None = None
-        for signal, values in _signals(live, watched.finding_code).items():
+        baseline: _Baseline | None = None
+        for signal, values in _signals(live).items():
             stored = reference["signals"].get(_reference_key(signal, watched.finding_code))
             source = "bundle"
             current = values
             if stored is None:
-                if baseline is None:
-                    baseline = rows.window(session, *key, limit=BASELINE_N, oldest=True)
-                first = {row.id for row in baseline}
-                current = [v for row, v in zip(live, values, strict=True) if row.id not in first]
-                base_values = _signals(baseline, watched.finding_code)[signal]
-                if len(baseline) < BASELINE_N or len(current) < MIN_N:
+                baseline = baseline or _Baseline.read(session, key)
+                if not baseline.complete:
                     continue
-                stored = _reference_of(signal, base_values)
+                current = [
+                    v for row, v in zip(live, values, strict=True) if row.id not in baseline.ids
+                ]
+                if len(current) < MIN_N:
+                    continue
+                stored = _reference_of(signal, baseline.signals[signal])
                 source = "site_baseline"
             entry = _compare(stored, [v for v in current if v is not None])
             if entry is None:
@@ -128,7 +125,24 @@ def drift(session: Session, versions: Sequence[Monitored]) -> list[dict[str, Any
     return report
 
 
-def _signals(window: Sequence[Any], code: str) -> dict[str, list[Any]]:
+@dataclass(frozen=True)
+class _Baseline:
+    """The first ``BASELINE_N`` scores a version made here: its ids and signals."""
+
+    ids: frozenset[int]
+    signals: dict[str, list[Any]]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ids) >= BASELINE_N
+
+    @classmethod
+    def read(cls, session: Session, key: tuple[str, str, str, str]) -> _Baseline:
+        first = rows.window(session, *key, limit=BASELINE_N, oldest=True)
+        return cls(frozenset(row.id for row in first), _signals(first))
+
+
+def _signals(window: Sequence[Any]) -> dict[str, list[Any]]:
     """Each signal's value per window row, in row order (None: not known)."""
     return {
         "probability": [row.probability if row.assessed else None for row in window],

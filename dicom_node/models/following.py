@@ -55,7 +55,7 @@ def cascade_settings(settings: Settings, plan: Plan, shadow: ShadowRun | None = 
     A threshold override of ``[inference]`` belongs to the configured bundle it was set
     for: a registry version in that slot keeps its own validated (or site-fitted) one.
     """
-    paths = {finding: dict(roles) for finding, roles in plan.paths.items()}
+    paths = plan.paths
     if shadow is not None:
         version = shadow.version
         paths.setdefault(version.finding, {})[version.role] = Path(version.path)

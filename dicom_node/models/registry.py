@@ -90,14 +90,10 @@ def check_bundle(path: Path) -> BundleFacts:
         raise RegistryError(f"{path}: invalid population: {exc}") from exc
     if not meta.get("population"):
         raise RegistryError(f"{path}: metadata.json declares no population")
-    if role == "segment":
-        spec = meta.get("cardiomegaly") or {}
-        if not spec.get("code"):
-            raise RegistryError(f"{path}: a segment bundle needs its 'cardiomegaly' block")
-        finding, code = MEASURED, str(spec["code"])
-    else:
-        first = meta["labels"][0]
-        finding, code = str(first["name"]), str(first["code"])
+    answered = finding_of(meta)
+    if answered is None:
+        raise RegistryError(f"{path}: a segment bundle needs its 'cardiomegaly' block")
+    finding, code = answered
     return BundleFacts(
         name=str(meta["name"]),
         version=str(meta["version"]),
@@ -107,6 +103,16 @@ def check_bundle(path: Path) -> BundleFacts:
         sha256=digests[WEIGHTS],
         card=card_summary(meta),
     )
+
+
+def finding_of(meta: dict[str, Any]) -> tuple[str, str] | None:
+    """The finding a bundle answers and its code: a classifier's first label, a
+    segment bundle's "cardiomegaly" block (None when it has none)."""
+    if meta.get("role") == "segment":
+        code = (meta.get("cardiomegaly") or {}).get("code")
+        return (MEASURED, str(code)) if code else None
+    first = (meta.get("labels") or [{}])[0]
+    return (str(first["name"]), str(first["code"])) if first.get("code") else None
 
 
 def card_summary(meta: dict[str, Any]) -> dict[str, Any]:
@@ -279,9 +285,16 @@ class Plan:
     was read at."""
 
     generation: int
-    paths: dict[str, dict[str, Path]] = field(default_factory=dict)
     versions: dict[tuple[str, str], ModelVersion] = field(default_factory=dict)
     shadows: list[ShadowRun] = field(default_factory=list)
+
+    @property
+    def paths(self) -> dict[str, dict[str, Path]]:
+        """finding → role → folder of every registry version in force."""
+        paths: dict[str, dict[str, Path]] = {}
+        for (finding, role), version in self.versions.items():
+            paths.setdefault(finding, {})[role] = Path(version.path)
+        return paths
 
 
 def slot_of(bundle: ConfiguredBundle) -> tuple[str, str]:
@@ -297,7 +310,6 @@ def plan(settings: Settings, session: Session) -> Plan:
         finding, role = slot_of(bundle)
         version = current.get((finding, role, ACTIVE))
         if version is not None:
-            result.paths.setdefault(finding, {})[role] = Path(version.path)
             result.versions[(finding, role)] = version
         candidate = current.get((finding, role, SHADOW))
         if candidate is not None:
